@@ -1,0 +1,5 @@
+import sys
+
+from xcloudd.cli import main
+
+sys.exit(main())

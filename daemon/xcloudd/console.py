@@ -1,0 +1,107 @@
+"""A sink for people at a terminal: one short, readable line per event instead of JSON."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from datetime import datetime
+from typing import IO, Any
+
+from xcloudd.sinks import EventFilter
+
+_MARK = {"SUCCEEDED": "✔", "FAILED": "✘", "ERRORED": "✘", "CANCELED": "⊘", "SKIPPED": "⊘"}
+
+
+def _who(r: Mapping[str, Any]) -> str:
+    number = r.get("build_number")
+    label = r.get("job") or f"watched workflow {str(r.get('workflow_id', ''))[:8]}"
+    return f"#{number} {label}" if number is not None else str(label)
+
+
+def _secs(value: object) -> str:
+    if not isinstance(value, int | float):
+        return "?"
+    m, s = divmod(int(value), 60)
+    return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def render(r: Mapping[str, Any]) -> str | None:
+    """The line for one event record, or None for events people need not see."""
+    name = r.get("event")
+    match name:
+        case "build.requested":
+            return f"requesting a build of workflow {r.get('workflow_id')}" + (
+                f" for job {r['job']}" if r.get("job") else ""
+            )
+        case "build.created":
+            how = " (found after an unclear answer)" if r.get("reconciled") else ""
+            return f"{_who(r)} created, waiting for a builder{how} · run {r.get('build_run_id')}"
+        case "build.started":
+            return f"{_who(r)} running (queued {_secs(r.get('queued_s'))})"
+        case "build.completed":
+            status = str(r.get("completion_status"))
+            extra = f" ({r['cancel_reason']})" if r.get("cancel_reason") else ""
+            counts = r.get("issue_counts") or {}
+            issues = ""
+            if isinstance(counts, dict) and any(counts.values()):
+                issues = " · " + ", ".join(f"{v} {k}" for k, v in counts.items() if v)
+            return (
+                f"{_who(r)} {_MARK.get(status, '?')} {status}{extra} after"
+                f" {_secs(r.get('duration_s'))}{issues}"
+            )
+        case "build.watch_expired":
+            return f"{_who(r)} gave up waiting (still {r.get('last_progress')})"
+        case "build.start_failed":
+            where = f" at {r['pointer']}" if r.get("pointer") else ""
+            return (
+                f"start refused: HTTP {r.get('http_status')} {r.get('error_code')}:"
+                f" {r.get('detail')}{where}"
+            )
+        case "build.start_unknown":
+            return f"no clear answer to the start ({r.get('reason')}); checking what happened"
+        case "api.retrying":
+            return (
+                f"App Store Connect trouble ({r.get('reason')}), retry {r.get('attempt')}"
+                f" in {r.get('delay_s')}s"
+            )
+        case "api.throttled":
+            return f"slowing down: {r.get('remaining')}/{r.get('limit')} requests left this hour"
+        case "api.unavailable" | "api.auth_failed" | "sink.failed" | "sink.recovered":
+            return f"{name}: {r.get('http_status') or r.get('sink') or ''}".rstrip(": ")
+        case "schedule.fired":
+            return f"{r.get('job')}: planned for {r.get('scheduled_for')}, starting"
+        case "schedule.skipped":
+            return f"{r.get('job')}: skipped the {r.get('scheduled_for')} run ({r.get('reason')})"
+        case "schedule.missed":
+            return f"{r.get('job')}: {r.get('count')} planned runs missed while down"
+        case "daemon.started" | "daemon.stopped" | "daemon.stopping" | "daemon.reloaded":
+            return f"xcloudd {str(name).split('.')[1]}"
+    return None
+
+
+class ConsoleSink:
+    name = "console"
+
+    def __init__(self, stream: IO[str] | None = None, events: tuple[str, ...] = ("*",)) -> None:
+        self._stream = stream or sys.stdout
+        self._filter = EventFilter(events)
+
+    def accepts(self, event_name: str) -> bool:
+        return self._filter.accepts(event_name)
+
+    def deliver(self, record: Mapping[str, Any]) -> None:
+        line = render(record)
+        if line is None:
+            return
+        ts = str(record.get("timestamp", ""))
+        try:
+            clock = (
+                datetime.fromisoformat(ts.replace("Z", "+00:00")).astimezone().strftime("%H:%M:%S")
+            )
+        except ValueError:
+            clock = ""
+        self._stream.write(f"{clock}  {line}\n")
+        self._stream.flush()
+
+    async def aclose(self) -> None:
+        return None

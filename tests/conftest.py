@@ -1,0 +1,75 @@
+"""Shared fixtures: a fake clock, a running simulator checked against Apple's schema, tokens."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+import asc_schema
+from xcloudd.clock import FakeClock
+from xcloudd.simulator import ApiKey, RunningSimulator, mint_token, running_simulator
+
+MakeToken = Callable[..., str]
+
+
+@pytest.fixture
+def fake_clock() -> FakeClock:
+    return FakeClock()
+
+
+def schema_problems(sim_traffic: Any) -> list[str]:
+    """Every request the simulator accepted and every JSON answer, checked against the spec."""
+    problems: list[str] = []
+    for entry in sim_traffic:
+        if entry.path.startswith("/_sim/") or entry.status is None:
+            continue
+        where = f"#{entry.seq} {entry.method} {entry.path} -> {entry.status}"
+        # A body the simulator accepted must be one Apple documents; rejected ones are the
+        # test's deliberate mistakes.
+        if entry.request_json is not None and 200 <= entry.status < 300:
+            try:
+                asc_schema.validate_request(entry.method, entry.path, entry.request_json)
+            except AssertionError as exc:
+                problems.append(f"{where}: request {exc}")
+        if entry.response_json is None or entry.status >= 500:
+            continue  # fault bodies and plain-text answers: Apple documents no 5xx
+        try:
+            asc_schema.validate_response(
+                entry.method, entry.path, entry.status, entry.response_json
+            )
+        except asc_schema.UndocumentedResponse:
+            if entry.status >= 400:
+                try:
+                    asc_schema.validate_error(entry.response_json)
+                except AssertionError as exc:
+                    problems.append(f"{where}: error body {exc}")
+        except AssertionError as exc:
+            problems.append(f"{where}: response {exc}")
+    return problems
+
+
+@pytest.fixture
+async def sim(fake_clock: FakeClock) -> AsyncIterator[RunningSimulator]:
+    """A simulator on 127.0.0.1 (free port) on the fake clock; its traffic must match the spec."""
+    async with running_simulator(clock=fake_clock) as running:
+        yield running
+        problems = schema_problems(running.sim.traffic.entries)
+    if problems:
+        pytest.fail("simulator traffic does not match Apple's schema:\n" + "\n".join(problems))
+
+
+@pytest.fixture
+def make_token(sim: RunningSimulator, fake_clock: FakeClock) -> MakeToken:
+    """make_token(key=None, **mint_token options) -> a token valid at the fake clock's time."""
+
+    def make(key: ApiKey | None = None, **options: Any) -> str:
+        return mint_token(key or sim.sim.primary_key, fake_clock.time(), **options)
+
+    return make
+
+
+@pytest.fixture
+def auth_headers(make_token: MakeToken) -> dict[str, str]:
+    return {"Authorization": f"Bearer {make_token()}"}
