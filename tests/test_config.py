@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
-import types
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -28,6 +26,7 @@ from xcloudd.config import (
     resolve_config_path,
 )
 from xcloudd.errors import ConfigError, ExitCode
+from xcloudd.runtime import refuse_unsupported
 
 REPO = Path(__file__).resolve().parents[1]
 KEY_ID = "2X9R4HXF34"
@@ -149,8 +148,9 @@ def test_example_config_documents_every_key_and_loads(tmp_path: Path, key_file: 
     assert config.api.key.key_id == "XXXXXXXXXX"
     assert config.state.path == tmp_path / ".local" / "state" / "xcloudd" / "state.db"
     assert config.polling == PollingConfig()
-    assert config.server is not None
-    assert (config.server.host, config.server.port) == ("127.0.0.1", 9464)
+    # [server] is shown commented out until this version serves it.
+    assert config.server is None
+    refuse_unsupported(config)
     assert [s.type for s in config.sinks] == ["stdout", "file"]
     assert [j.name for j in config.jobs] == ["nightly-main", "release-candidate", "pr-check"]
     nightly = config.job("nightly-main")

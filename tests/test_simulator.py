@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+import asc_schema
 from conftest import MakeToken
 from xcloudd.clock import FakeClock
 from xcloudd.errors import ConfigError
@@ -379,7 +381,9 @@ async def test_bad_references_are_refused(api: Api, sim: RunningSimulator) -> No
         assert words in refused.error["detail"]
     unknown_wf = await api.start("no-such-workflow")
     assert unknown_wf.error["source"] == {"pointer": "/data/relationships/workflow"}
-    closed = next(p for p in sim.sim.scenario.repository(shop_repo).pull_requests if p.is_closed)  # type: ignore[union-attr]
+    repo = sim.sim.scenario.repository(shop_repo)
+    assert repo is not None
+    closed = next(p for p in repo.pull_requests if p.is_closed)
     refused_pr = await api.start(ci, pullRequest=closed.id)
     assert refused_pr.error["source"] == {"pointer": "/data/relationships/pullRequest"}
     assert len(sim.sim.runs) == 0
@@ -520,14 +524,15 @@ async def test_status_faults_then_recovery(api: Api, sim: RunningSimulator) -> N
 
 
 async def test_drop_and_expire_token_faults(api: Api, sim: RunningSimulator) -> None:
-    sim.sim.faults.add(Fault(action=FaultAction.DROP))
+    # aiohttp replays an idempotent request once after a disconnect: drop both attempts.
+    sim.sim.faults.add(Fault(action=FaultAction.DROP, times=2))
     with pytest.raises(aiohttp.ServerDisconnectedError):
         await api.get("/v1/ciProducts")
     sim.sim.faults.add(Fault(action=FaultAction.EXPIRE_TOKEN))
     expired = await api.get("/v1/ciProducts")
     assert (expired.status, expired.error["code"]) == (401, "NOT_AUTHORIZED")
     assert (await api.get("/v1/ciProducts")).status == 200
-    assert [e.fault for e in sim.sim.traffic.entries] == ["drop", "expire_token", None]
+    assert [e.fault for e in sim.sim.traffic.entries] == ["drop", "drop", "expire_token", None]
     assert sim.sim.traffic.entries[0].status is None
 
 
@@ -558,6 +563,25 @@ async def test_bad_fault_rules_are_refused(api: Api, sim: RunningSimulator) -> N
         Fault(times=0)
 
 
+def test_schema_check_catches_what_apple_would_not_send() -> None:
+    good = {
+        "data": {"type": "ciBuildRuns", "id": "x", "attributes": {"startedDate": None}},
+        "links": {"self": "http://127.0.0.1/v1/ciBuildRuns/x"},
+    }
+    asc_schema.validate_response("GET", "/v1/ciBuildRuns/x", 200, good)
+    bad = {"data": {"type": "ciBuildRuns", "id": "x", "attributes": {"startReason": "PUSH"}}}
+    with pytest.raises(AssertionError, match="startReason"):
+        asc_schema.validate_response(
+            "GET", "/v1/ciBuildRuns/x", 200, bad | {"links": {"self": "/"}}
+        )
+    with pytest.raises(AssertionError, match="status"):
+        asc_schema.validate_error(
+            {"errors": [{"status": 409, "code": "X", "title": "t", "detail": "d"}]}
+        )
+    with pytest.raises(asc_schema.UndocumentedResponse):
+        asc_schema.validate_response("POST", "/v1/ciBuildRuns", 415, {})
+
+
 # -- keys, config files, scenarios, serve -----------------------------------------------------
 
 
@@ -575,15 +599,39 @@ async def test_write_client_files_gives_a_working_config(
     }
     key_file = Path(config["private_key"])
     assert key_file.name == f"AuthKey_{key.key_id}.p8"
-    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
-    pem = key_file.read_bytes()
+    private = _load_p8(key_file)
+    assert len(key.key_id) == 10
+    assert key.key_id.isalnum()
+    assert key.key_id.upper() == key.key_id
+    # The files are all a client needs: a token made from them is accepted.
+    reply = await api.get(
+        "/v1/ciProducts",
+        token=jwt.encode(
+            {
+                "iss": config["issuer_id"],
+                "aud": "appstoreconnect-v1",
+                "exp": int(api_now(sim)) + 600,
+            },
+            private,
+            algorithm="ES256",
+            headers={"kid": config["key_id"]},
+        ),
+    )
+    assert reply.status == 200
+
+
+def api_now(sim: RunningSimulator) -> float:
+    return sim.sim.clock.time()
+
+
+def _load_p8(path: Path) -> ec.EllipticCurvePrivateKey:
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    pem = path.read_bytes()
     assert pem.startswith(b"-----BEGIN PRIVATE KEY-----")  # PKCS#8, like Apple's .p8
     private = serialization.load_pem_private_key(pem, password=None)
     assert isinstance(private, ec.EllipticCurvePrivateKey)
     assert private.curve.name == "secp256r1"
-    assert len(key.key_id) == 10
-    assert key.key_id.isalnum()
-    assert key.key_id.upper() == key.key_id
+    return private
 
 
 async def test_state_dir_keeps_the_key_across_restarts(tmp_path: Path) -> None:
@@ -592,6 +640,27 @@ async def test_state_dir_keeps_the_key_across_restarts(tmp_path: Path) -> None:
     async with running_simulator(state_dir=tmp_path) as second:
         assert second.sim.primary_key.key_id == key_id
     assert stat.S_IMODE(os.stat(tmp_path / "simulator-key.json").st_mode) == 0o600
+
+
+async def test_damaged_key_file_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "simulator-key.json").write_text('{"key_id": "X"}')
+    with pytest.raises(ConfigError, match=r"simulator-key\.json"):
+        async with running_simulator(state_dir=tmp_path):
+            pass
+
+
+async def test_admin_traffic_log_shows_requests_and_answers(
+    api: Api, sim: RunningSimulator
+) -> None:
+    await api.get("/v1/ciProducts")
+    await api.start(wf_id(sim, "Legacy"))
+    async with api.session.get(f"{sim.url}/_sim/traffic", params={"since": "1"}) as resp:
+        traffic = (await resp.json())["traffic"]
+    assert [(t["method"], t["path"], t["status"]) for t in traffic] == [
+        ("POST", "/v1/ciBuildRuns", 409)
+    ]
+    assert traffic[0]["request_json"]["data"]["type"] == "ciBuildRuns"
+    assert traffic[0]["response_json"]["errors"][0]["status"] == "409"
 
 
 async def test_scenario_file_defines_the_world(tmp_path: Path, fake_clock: FakeClock) -> None:

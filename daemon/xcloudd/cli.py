@@ -18,7 +18,13 @@ from typing import NoReturn
 from xcloudd import __version__
 from xcloudd.config import Config, load_config, resolve_config_path
 from xcloudd.errors import ExitCode, UsageError, XcloudError
-from xcloudd.runtime import Runtime, build_sinks, open_runtime, wants_console
+from xcloudd.runtime import (
+    Runtime,
+    build_sinks,
+    open_runtime,
+    refuse_unsupported,
+    wants_console,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -80,7 +86,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace) -> Config:
-    return load_config(resolve_config_path(args.config, os.environ))
+    config = load_config(resolve_config_path(args.config, os.environ))
+    refuse_unsupported(config)
+    return config
 
 
 async def _with_runtime(

@@ -29,6 +29,21 @@ class Runtime:
     resolver: Resolver
 
 
+def refuse_unsupported(config: Config) -> None:
+    """Parts of the config contract that this version parses but cannot act on yet."""
+    if config.server is not None:
+        raise ConfigError.at(
+            str(config.path), "server", "not supported yet by this version; remove the table"
+        )
+    for index, sink in enumerate(config.sinks):
+        if sink.type not in ("stdout", "file"):
+            raise ConfigError.at(
+                str(config.path),
+                f"sinks[{index}].type",
+                f"{sink.type} sinks are not supported yet by this version; use stdout or file",
+            )
+
+
 def build_sinks(configs: Iterable[SinkConfig], *, console: bool | None = None) -> list[Sink]:
     """The configured sinks. With `console`, stdout shows readable lines (a terminal) or JSON
     lines (a pipe) whatever the config says, so a CLI command never prints an event twice."""
@@ -41,7 +56,7 @@ def build_sinks(configs: Iterable[SinkConfig], *, console: bool | None = None) -
             assert sc.path is not None
             sinks.append(FileSink(sc.path, sc.events))
         else:
-            raise ConfigError(f"{sc.type} sinks are not supported yet: use stdout or file sinks")
+            raise ConfigError(f"{sc.type} sinks are not supported yet: use stdout or file")
     if console is not None:
         sinks.insert(0, ConsoleSink() if console else StdoutSink())
     return sinks

@@ -511,7 +511,7 @@ async def api_middleware(
         response = error_response(path_error(request.path))
     except web.HTTPMethodNotAllowed:
         response = error_response(method_not_allowed(request.method, request.path))
-    except _DropConnection:
+    except _DropConnection as drop:
         _record(
             sim,
             request=request,
@@ -519,10 +519,11 @@ async def api_middleware(
             status=None,
             response_json=None,
             key_id=key_id,
+            fault=drop.fault,
         )
         # Closing first makes aiohttp's write fail quietly; the client sees a disconnect.
         if request.transport is not None:
-            request.transport.close()
+            request.transport.abort()
         return web.Response(status=500)
     if rate is not None:
         response.headers["X-Rate-Limit"] = rate.header()
@@ -531,15 +532,16 @@ async def api_middleware(
         request=request,
         request_json=request_json,
         status=response.status,
-        response_json=response.get(_JSON),
+        response_json=response.json_body if isinstance(response, JsonResponse) else None,
         key_id=key_id,
+        fault=fault_name or (response.fault if isinstance(response, JsonResponse) else None),
     )
     return response
 
 
 def _fault_response(fault: Fault) -> web.StreamResponse:
     if fault.action is FaultAction.DROP:
-        raise _DropConnection
+        raise _DropConnection(str(fault.action))
     if fault.body is not None and fault.action is FaultAction.STATUS:
         headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else {}
         return web.Response(status=fault.status, text=fault.body, headers=headers)
@@ -554,6 +556,7 @@ def _record(
     status: int | None,
     response_json: Any,
     key_id: str | None,
+    fault: str | None,
 ) -> None:
     sim.traffic.append(
         TrafficEntry(
@@ -566,7 +569,7 @@ def _record(
             status=status,
             response_json=response_json,
             key_id=key_id,
-            fault=request.get(_FAULT),
+            fault=fault,
         )
     )
 

@@ -25,7 +25,8 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from xcloudd.simulator.apierror import ApiError, not_authorized
+from xcloudd.errors import ConfigError
+from xcloudd.simulator.apierror import not_authorized
 
 AUDIENCE = "appstoreconnect-v1"
 MAX_LIFETIME_S = 20 * 60
@@ -74,8 +75,15 @@ def load_or_create_key(state_dir: Path) -> ApiKey:
     """The team key kept in `state_dir`, so a restarted simulator accepts the old config."""
     path = state_dir / _KEY_FILE
     if path.exists():
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return ApiKey(data["key_id"], data["issuer_id"], data["private_key"].encode())
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            key = ApiKey(str(data["key_id"]), data["issuer_id"], data["private_key"].encode())
+            key.public_key  # noqa: B018 - parse now, so a damaged file fails here, clearly
+        except (ValueError, KeyError, TypeError, AttributeError, AssertionError):
+            raise ConfigError.at(
+                str(path), "", "not a simulator key file; delete it to get a new key"
+            ) from None
+        return key
     key = generate_key()
     state_dir.mkdir(parents=True, exist_ok=True)
     payload = json.dumps(
@@ -230,7 +238,3 @@ class TokenVerifier:
         limit = MAX_SCOPED_GET_LIFETIME_S if get_only else MAX_LIFETIME_S
         if lifetime > limit:
             raise not_authorized(f"the token's lifetime exceeds {limit // 60} minutes")
-
-
-def unauthorized_reason(error: ApiError) -> str:
-    return str(error.meta.get("reason", ""))

@@ -29,6 +29,7 @@ class Simulator:
         clock: Clock | None = None,
         rate_limit: int | None = None,
         keys: Sequence[ApiKey] = (),
+        traffic_limit: int | None = None,
     ) -> None:
         self.scenario = scenario or default_scenario()
         self.clock: Clock = clock or SystemClock()
@@ -39,7 +40,7 @@ class Simulator:
         self.verifier = TokenVerifier(self.keys)
         self.rate_limiter = RateLimiter(self.clock, rate_limit or self.scenario.rate_limit)
         self.faults = FaultRules()
-        self.traffic = TrafficLog()
+        self.traffic = TrafficLog(traffic_limit)
         self.runs = RunStore()
 
     # -- keys and tokens -------------------------------------------------------------------------

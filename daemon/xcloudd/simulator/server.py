@@ -66,10 +66,20 @@ async def running_simulator(
     state_dir: Path | None = None,
     *,
     rate_limit: int | None = None,
+    traffic_limit: int | None = None,
 ) -> AsyncIterator[RunningSimulator]:
-    """Serve a simulator on host:port (0 picks a free port) for the duration of the block."""
+    """Serve a simulator on host:port (0 picks a free port) for the duration of the block.
+
+    `rate_limit` overrides the scenario's; `traffic_limit` bounds the traffic log (benchmarks).
+    """
     key = load_or_create_key(state_dir) if state_dir is not None else generate_key()
-    sim = Simulator(scenario or default_scenario(), clock or SystemClock(), rate_limit, [key])
+    sim = Simulator(
+        scenario or default_scenario(),
+        clock or SystemClock(),
+        rate_limit,
+        [key],
+        traffic_limit=traffic_limit,
+    )
     # Quiet (no access log) and quick to stop: tests start and stop many of these.
     runner = web.AppRunner(sim.app(), access_log=None, handle_signals=False, shutdown_timeout=0.5)
     await runner.setup()

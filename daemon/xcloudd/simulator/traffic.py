@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,14 +36,19 @@ class TrafficEntry:
 
 
 class TrafficLog:
-    def __init__(self) -> None:
-        self._entries: list[TrafficEntry] = []
+    """Entries in answer order. `max_entries` bounds memory for long benchmarks: the oldest
+    entries are forgotten, sequence numbers keep counting."""
+
+    def __init__(self, max_entries: int | None = None) -> None:
+        self._entries: deque[TrafficEntry] = deque(maxlen=max_entries)
+        self._next = 0
 
     def append(self, entry: TrafficEntry) -> None:
         self._entries.append(entry)
+        self._next = entry.seq + 1
 
     def next_seq(self) -> int:
-        return len(self._entries)
+        return self._next
 
     @property
     def entries(self) -> tuple[TrafficEntry, ...]:
