@@ -13,7 +13,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TextIO
 
 from xcloudd import __version__
 from xcloudd.config import Config, load_config, resolve_config_path
@@ -92,9 +92,14 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 async def _with_runtime(
-    config: Config, body: Callable[[Runtime], Awaitable[ExitCode]], *, console: bool | None
+    config: Config,
+    body: Callable[[Runtime], Awaitable[ExitCode]],
+    *,
+    console: bool | None,
+    console_stream: TextIO | None = None,
 ) -> ExitCode:
-    async with open_runtime(config, sinks=build_sinks(config.sinks, console=console)) as rt:
+    sinks = build_sinks(config.sinks, console=console, console_stream=console_stream)
+    async with open_runtime(config, sinks=sinks) as rt:
         return await body(rt)
 
 
@@ -161,6 +166,8 @@ def _dispatch(args: argparse.Namespace) -> ExitCode:
                             rt, sys.stderr if args.json else sys.stdout
                         ),
                         console=True,
+                        # stdout holds the JSON document: readable events go to stderr.
+                        console_stream=sys.stderr if args.json else None,
                     )
                 )
             return code
@@ -191,6 +198,7 @@ def _dispatch(args: argparse.Namespace) -> ExitCode:
                     config,
                     lambda rt: commands.workflows(rt, sys.stdout, as_json=args.json),
                     console=True,
+                    console_stream=sys.stderr if args.json else None,
                 )
             )
         case "run":

@@ -271,11 +271,7 @@ class Daemon:
         if not job.enabled:
             self._decide(job.name, planned, "skipped", "disabled")
             return
-        if state.running and job.overlap != "allow_all":
-            if job.overlap == "buffer_one" and state.buffered is None:
-                state.buffered = planned
-                return
-            self._decide(job.name, planned, "skipped", "overlap")
+        if self._held_by_overlap(state, planned):
             return
         try:
             req = await self._request(state)
@@ -292,6 +288,9 @@ class Daemon:
                     detail=str(exc),
                     pointer=None,
                 )
+            return
+        # Resolving names awaited the API: a start of this job may have begun meanwhile.
+        if self._held_by_overlap(state, planned):
             return
         intent_id = self._store.record_intent(
             job=job.name,
@@ -313,6 +312,17 @@ class Daemon:
             await self._post(req, intent_id)
         finally:
             state.running.discard(intent_id)
+
+    def _held_by_overlap(self, state: _JobState, planned: datetime) -> bool:
+        """True when a build of this job runs and `overlap` says not to start another now."""
+        job = state.job
+        if not state.running or job.overlap == "allow_all":
+            return False
+        if job.overlap == "buffer_one" and state.buffered is None:
+            state.buffered = planned
+            return True
+        self._decide(job.name, planned, "skipped", "overlap")
+        return True
 
     def _decide(self, job: str, planned: datetime, outcome: str, reason: str | None) -> bool:
         assert outcome in ("fired", "skipped")

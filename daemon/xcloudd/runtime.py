@@ -6,6 +6,7 @@ import sys
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import IO
 
 import aiohttp
 
@@ -44,9 +45,15 @@ def refuse_unsupported(config: Config) -> None:
             )
 
 
-def build_sinks(configs: Iterable[SinkConfig], *, console: bool | None = None) -> list[Sink]:
+def build_sinks(
+    configs: Iterable[SinkConfig],
+    *,
+    console: bool | None = None,
+    console_stream: IO[str] | None = None,
+) -> list[Sink]:
     """The configured sinks. With `console`, stdout shows readable lines (a terminal) or JSON
-    lines (a pipe) whatever the config says, so a CLI command never prints an event twice."""
+    lines (a pipe) whatever the config says, so a CLI command never prints an event twice.
+    `console_stream` sends the readable lines elsewhere (stderr, when stdout is a document)."""
     sinks: list[Sink] = []
     for sc in configs:
         if sc.type == "stdout":
@@ -58,7 +65,7 @@ def build_sinks(configs: Iterable[SinkConfig], *, console: bool | None = None) -
         else:
             raise ConfigError(f"{sc.type} sinks are not supported yet: use stdout or file")
     if console is not None:
-        sinks.insert(0, ConsoleSink() if console else StdoutSink())
+        sinks.insert(0, ConsoleSink(console_stream) if console else StdoutSink())
     return sinks
 
 
