@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -117,7 +118,7 @@ def _start_target(args: argparse.Namespace, config: Config | None) -> object:
             raise UsageError(f"no job {args.job!r} in {config.path} (jobs: {names})") from None
         base = Target.of_job(job)
         if args.clean:
-            base = Target(**{**base.__dict__, "clean": True})
+            base = dataclasses.replace(base, clean=True)
         if any((args.branch, args.tag, args.pull_request, args.rebuild)):
             raise UsageError(
                 "a JOB brings its own source: drop --branch/--tag/--pull-request/--rebuild"

@@ -90,7 +90,8 @@ async def run_demo(seconds: float = DEMO_SECONDS) -> ExitCode:
     console = wants_console()
     with tempfile.TemporaryDirectory(prefix="xcloudd-demo-") as tmp:
         work = Path(tmp)
-        async with running_simulator() as running:
+        # A generous hourly limit: the demo polls every second, far above a real key's budget.
+        async with running_simulator(rate_limit=36_000) as running:
             config_path = running.write_client_files(work)
             events = work / "events.jsonl"
             with config_path.open("a", encoding="utf-8") as fh:

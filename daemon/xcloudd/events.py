@@ -16,7 +16,6 @@ from typing import Any, Literal, Protocol
 
 import structlog
 
-from xcloudd import __version__
 from xcloudd.clock import Clock
 
 EventName = Literal[
@@ -240,6 +239,5 @@ __all__ = [
     "Level",
     "Origin",
     "Sink",
-    "__version__",
     "stable_event_id",
 ]

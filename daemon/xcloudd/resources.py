@@ -14,7 +14,6 @@ from xcloudd.api import JSON, BadResponse
 
 Progress = Literal["PENDING", "RUNNING", "COMPLETE"]
 _PROGRESS = ("PENDING", "RUNNING", "COMPLETE")
-COMPLETION_STATUSES = ("SUCCEEDED", "FAILED", "ERRORED", "CANCELED", "SKIPPED")
 
 # The cheap poll: only what the watcher turns into events (DESIGN 3.3).
 RUN_FIELDS = ",".join(

@@ -3,8 +3,8 @@
 This module is pure (no I/O, no clock, no asyncio). The daemon keys every occurrence in the state
 store by (job, planned instant), so the instants computed here must be identical on every restart
 and every host: nothing depends on when the process started, and jitter comes from a stable hash.
-APScheduler stays in the daemon as a clock that wakes it up; it never decides which instants
-exist.
+The daemon wakes up through the injected Clock (xcloudd.clock), so tests run schedules in virtual
+time; nothing here decides when to wake, only which instants exist.
 
 Why cron matching is hand-written instead of delegated to APScheduler's CronTrigger: its semantics
 differ from crontab's exactly where this project needs them.
