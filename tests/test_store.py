@@ -78,6 +78,25 @@ def test_record_intent_refuses_a_decided_occurrence(store: Store) -> None:
     assert len(store.pending_intents()) == 1
 
 
+def test_a_held_occurrence_survives_reopening_and_is_decided_once(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    first = Store.open(path)
+    assert first.decide("nightly", PLANNED, "held") is True
+    first.close()
+    store = Store.open(path)
+    try:
+        # buffer_one's waiting occurrence is still there for the next process, and undecided.
+        assert store.held() == [("nightly", PLANNED)]
+        assert store.unannounced() == []
+        assert intent(store) is not None
+        assert store.occurrence("nightly", PLANNED) == "fired"
+        assert store.held() == []
+        assert intent(store) is None
+        assert store.decide("nightly", PLANNED, "skipped", "overlap") is False
+    finally:
+        store.close()
+
+
 def test_an_intent_is_done_when_its_run_is_recorded(store: Store) -> None:
     intent_id = intent(store)
     assert intent_id is not None

@@ -186,6 +186,14 @@ class Daemon:
             )
         for intent in self._store.pending_intents():
             self._spawn(self._finish_intent(intent), start=True)
+        for job, planned in self._store.held():
+            state = self._jobs.get(job)
+            if state is None or state.buffered is not None:
+                continue
+            state.buffered = planned
+            if not state.running:
+                state.buffered = None
+                self._spawn(self._fire(state, planned), start=True)
         now = self._now()
         for state in self._jobs.values():
             self._catch_up(state, now)
@@ -266,7 +274,7 @@ class Daemon:
 
     async def _fire(self, state: _JobState, planned: datetime) -> None:
         job = state.job
-        if self._store.occurrence(job.name, planned) is not None:
+        if self._store.occurrence(job.name, planned) not in (None, "held"):
             return
         if not job.enabled:
             self._decide(job.name, planned, "skipped", "disabled")
@@ -318,8 +326,10 @@ class Daemon:
         job = state.job
         if not state.running or job.overlap == "allow_all":
             return False
-        if job.overlap == "buffer_one" and state.buffered is None:
+        if job.overlap == "buffer_one" and state.buffered in (None, planned):
+            # Held in the store, so a crash cannot lose it: the next process fires it.
             state.buffered = planned
+            self._store.decide(job.name, planned, "held")
             return True
         self._decide(job.name, planned, "skipped", "overlap")
         return True

@@ -21,7 +21,7 @@ from typing import Literal
 
 from xcloudd.errors import XcloudError
 
-OccurrenceState = Literal["fired", "skipped", "missed"]
+OccurrenceState = Literal["fired", "skipped", "missed", "held"]
 IntentState = Literal["pending", "done", "failed"]
 Mark = Literal["created", "started", "completed"]
 
@@ -30,7 +30,7 @@ _MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE occurrences (
         job TEXT NOT NULL,
         planned TEXT NOT NULL,          -- UTC ISO 8601, jitter included
-        state TEXT NOT NULL,            -- fired | skipped | missed
+        state TEXT NOT NULL,            -- fired | skipped | held (overlap = buffer_one)
         reason TEXT,
         decided_at TEXT NOT NULL,
         emitted INTEGER NOT NULL DEFAULT 0,  -- its schedule.* event reached the sinks
@@ -185,12 +185,23 @@ class Store:
         """Record how occurrence (job, planned) ends; False if it was decided before."""
         now = iso(datetime.now(UTC))
         with self._tx() as c:
+            # A held occurrence (buffer_one) is still undecided: its decision replaces the hold.
             cur = c.execute(
-                "INSERT OR IGNORE INTO occurrences VALUES (?, ?, ?, ?, ?, 0)",
-                (job, iso(planned), state, reason, now),
+                "INSERT INTO occurrences VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(job, planned)"
+                " DO UPDATE SET state = excluded.state, reason = excluded.reason,"
+                " decided_at = excluded.decided_at, emitted = excluded.emitted"
+                " WHERE occurrences.state = 'held'",
+                (job, iso(planned), state, reason, now, int(state == "held")),
             )
             self._advance(c, job, planned)
             return cur.rowcount == 1
+
+    def held(self) -> list[tuple[str, datetime]]:
+        """Occurrences waiting (buffer_one) for the job's running build, oldest first."""
+        rows = self._conn.execute(
+            "SELECT job, planned FROM occurrences WHERE state = 'held' ORDER BY planned"
+        ).fetchall()
+        return [(r[0], parse_iso(r[1])) for r in rows]
 
     def occurrence_emitted(self, job: str, planned: datetime) -> None:
         with self._tx() as c:
@@ -253,7 +264,9 @@ class Store:
                 assert job is not None
                 assert planned is not None
                 cur = c.execute(
-                    "INSERT OR IGNORE INTO occurrences VALUES (?, ?, 'fired', NULL, ?, 0)",
+                    "INSERT INTO occurrences VALUES (?, ?, 'fired', NULL, ?, 0)"
+                    " ON CONFLICT(job, planned) DO UPDATE SET state = 'fired',"
+                    " decided_at = excluded.decided_at WHERE occurrences.state = 'held'",
                     (job, iso(planned), iso(sent_at)),
                 )
                 if cur.rowcount != 1:
