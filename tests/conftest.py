@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import heapq
+import itertools
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -73,3 +76,32 @@ def make_token(sim: RunningSimulator, fake_clock: FakeClock) -> MakeToken:
 @pytest.fixture
 def auth_headers(make_token: MakeToken) -> dict[str, str]:
     return {"Authorization": f"Bearer {make_token()}"}
+
+
+class SteppingClock(FakeClock):
+    """Virtual time that moves only when the test's pump moves it: sleep() waits for its instant."""
+
+    def __init__(self, start: float) -> None:
+        super().__init__(start)
+        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._seq = itertools.count()
+
+    async def sleep(self, seconds: float) -> None:
+        if seconds <= 0:
+            await asyncio.sleep(0)
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._sleepers, (self._now + seconds, next(self._seq), fut))
+        await fut
+
+    def next_wakeup(self) -> float | None:
+        while self._sleepers and self._sleepers[0][2].done():
+            heapq.heappop(self._sleepers)
+        return self._sleepers[0][0] if self._sleepers else None
+
+    def advance_to(self, instant: float) -> None:
+        self.advance(instant - self._now)
+        while self._sleepers and self._sleepers[0][0] <= self._now:
+            fut = heapq.heappop(self._sleepers)[2]
+            if not fut.done():
+                fut.set_result(None)

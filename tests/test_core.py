@@ -7,26 +7,30 @@ check all traffic against Apple's OpenAPI description when the test ends.
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import itertools
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import schema_problems
+from conftest import SteppingClock, schema_problems
 from xcloudd import commands
 from xcloudd.api import ApiError, RateLimit
 from xcloudd.clock import FakeClock
 from xcloudd.config import load_config
 from xcloudd.errors import ExitCode
+from xcloudd.events import BuildRef
 from xcloudd.resolve import ResolveError
 from xcloudd.runtime import Runtime, open_runtime
 from xcloudd.simulator import Fault, FaultAction, RunningSimulator, running_simulator
 from xcloudd.simulator.scenario import DEFAULT_SCENARIO, scenario_from_dict
 from xcloudd.starter import Target, resolve_target
+from xcloudd.watcher import Watcher
 
 BUILD_FIELDS = ("build_run_id", "build_number", "workflow_id", "job", "origin")
 COMMON_FIELDS = ("timestamp", "level", "event", "event_id", "service")
@@ -487,3 +491,51 @@ async def test_requests_sent_validate_against_apples_schema(
     assert [p.status for p in posts] == [201, 201]
     assert posts[0].request_json["data"]["attributes"] == {"clean": False}
     assert schema_problems(sim.sim.traffic.entries) == []
+
+
+async def test_a_poke_polls_now_without_doubling_the_cadence(tmp_path: Path) -> None:
+    """A webhook hint makes the watcher look at once; afterwards it polls at `interval` again."""
+    clock = SteppingClock(FakeClock().time())
+    data = copy.deepcopy(DEFAULT_SCENARIO)
+    data["running_seconds"] = LONG_RUN_S
+    async with (
+        checked_simulator(clock, scenario=scenario_from_dict(data, "long")) as sim,
+        runtime(sim, tmp_path, clock, '[polling]\ninterval = "30s"\n') as (rt, _),
+    ):
+        run = sim.sim.start_run(wf_id(sim, "CI"))
+        watcher = Watcher(rt.client, rt.emitter, rt.clock, rt.config.polling)
+        loop = asyncio.create_task(watcher.run())
+        start = clock.time()
+        try:
+            watcher.follow(BuildRef(run.id, None, wf_id(sim, "CI"), None, "watch"))
+            await until(lambda: len(poll_times(sim, run.id)) == 1)
+            await until(lambda: clock.next_wakeup() == start + 30)  # the next poll is planned
+            clock.advance_to(start + 10)
+            assert watcher.poke(run.id)
+            await until(lambda: len(poll_times(sim, run.id)) == 2)
+            for second in range(11, 200):
+                clock.advance_to(start + second)
+                for _ in range(50):
+                    await asyncio.sleep(0)
+        finally:
+            loop.cancel()
+            await asyncio.gather(loop, return_exceptions=True)
+    times = [t - start for t in poll_times(sim, run.id)]
+    assert times[:2] == [0, 10], "the poke did not poll at once"
+    # After the poke, one poll every 30 s (give or take the second a poll takes here), and
+    # not also the poll that was planned before the poke.
+    assert len(times) == 8, times
+    assert all(29 <= b - a <= 31 for a, b in itertools.pairwise(times[1:])), times
+
+
+def poll_times(sim: RunningSimulator, run_id: str) -> list[float]:
+    path = f"/v1/ciBuildRuns/{run_id}"
+    return [e.time for e in sim.sim.traffic.entries if e.method == "GET" and e.path == path]
+
+
+async def until(condition: Callable[[], bool], rounds: int = 100_000) -> None:
+    for _ in range(rounds):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the condition never held")

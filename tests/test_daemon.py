@@ -10,7 +10,6 @@ daemon sees instants in the order a real clock would give them.
 from __future__ import annotations
 
 import asyncio
-import heapq
 import io
 import itertools
 import json
@@ -22,8 +21,8 @@ from typing import Any
 
 import pytest
 
+from conftest import SteppingClock
 from xcloudd import commands
-from xcloudd.clock import FakeClock
 from xcloudd.config import Config, load_config
 from xcloudd.daemon import Daemon
 from xcloudd.errors import ExitCode
@@ -36,35 +35,6 @@ from xcloudd.store import Store
 # An hour boundary: every="1s"/"2s"/"1h" instants fall on whole multiples after it.
 T0 = datetime(2026, 9, 1, 8, 0, tzinfo=UTC)
 SETTLE_PASSES = 50
-
-
-class SteppingClock(FakeClock):
-    """Virtual time that moves only when the test's pump moves it: sleep() waits for its instant."""
-
-    def __init__(self, start: float) -> None:
-        super().__init__(start)
-        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
-        self._seq = itertools.count()
-
-    async def sleep(self, seconds: float) -> None:
-        if seconds <= 0:
-            await asyncio.sleep(0)
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._sleepers, (self._now + seconds, next(self._seq), fut))
-        await fut
-
-    def next_wakeup(self) -> float | None:
-        while self._sleepers and self._sleepers[0][2].done():
-            heapq.heappop(self._sleepers)
-        return self._sleepers[0][0] if self._sleepers else None
-
-    def advance_to(self, instant: float) -> None:
-        self.advance(instant - self._now)
-        while self._sleepers and self._sleepers[0][0] <= self._now:
-            fut = heapq.heappop(self._sleepers)[2]
-            if not fut.done():
-                fut.set_result(None)
 
 
 async def settle() -> None:

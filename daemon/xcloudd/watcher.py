@@ -74,6 +74,10 @@ class _Tracked:
     started_emitted: bool = False
     failures: int = 0
     polling: bool = field(default=False)
+    # The one heap entry that counts; older entries (e.g. before a poke) are skipped when popped.
+    next_due: float = 0.0
+    # A poke came while a poll was under way: that poll may predate the news, so look again.
+    repoll: bool = False
 
 
 def _seconds(a: datetime | None, b: datetime | None) -> float | None:
@@ -143,7 +147,9 @@ class Watcher:
         return True
 
     def _schedule(self, run_id: str, delay: float) -> None:
-        heapq.heappush(self._due, (self._clock.monotonic() + delay, next(self._seq), run_id))
+        due = self._clock.monotonic() + delay
+        self._runs[run_id].next_due = due
+        heapq.heappush(self._due, (due, next(self._seq), run_id))
         self._wake.set()
 
     def _interval(self, tracked: _Tracked) -> float:
@@ -167,7 +173,10 @@ class Watcher:
                     continue
                 heapq.heappop(self._due)
                 tracked = self._runs.get(run_id)
-                if tracked is None or tracked.polling:
+                if tracked is None or tracked.next_due != due:
+                    continue
+                if tracked.polling:
+                    tracked.repoll = True
                     continue
                 tracked.polling = True
                 await self._slots.acquire()
@@ -213,7 +222,8 @@ class Watcher:
             if self._clock.time() >= tracked.deadline:
                 self._expire(tracked)
                 return
-            self._schedule(run_id, self._interval(tracked))
+            self._schedule(run_id, 0.0 if tracked.repoll else self._interval(tracked))
+            tracked.repoll = False
         finally:
             tracked.polling = False
             self._slots.release()
