@@ -206,7 +206,7 @@ def _dispatch(args: argparse.Namespace) -> ExitCode:
             from xcloudd.daemon import run_daemon
 
             config = _config(args)
-            return asyncio.run(run_daemon(config, console=False))
+            return asyncio.run(run_daemon(config))
         case "status":
             config = _config(args)
             return commands.status(config, sys.stdout, as_json=args.json)

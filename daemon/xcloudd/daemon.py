@@ -19,6 +19,7 @@ import signal
 import socket
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from typing import Literal
 
 from xcloudd import __version__
 from xcloudd.api import ApiError, ApiUnavailable, AuthFailed, BadResponse
@@ -63,11 +64,12 @@ class StoreLedger:
 
     def observed(self, run_id: str, run: BuildRun | None, finished: bool) -> None:
         progress = run.progress if run else "UNKNOWN"
-        if not finished and self._progress.get(run_id) == progress:
-            return
-        self._progress[run_id] = progress
         if finished:
             self._progress.pop(run_id, None)
+        elif self._progress.get(run_id) == progress:
+            return
+        else:
+            self._progress[run_id] = progress
         self._store.update_run(
             run_id,
             number=run.number if run else None,
@@ -187,13 +189,13 @@ class Daemon:
         for intent in self._store.pending_intents():
             self._spawn(self._finish_intent(intent), start=True)
         for job, planned in self._store.held():
-            state = self._jobs.get(job)
-            if state is None or state.buffered is not None:
+            held = self._jobs.get(job)
+            if held is None or held.buffered is not None:
                 continue
-            state.buffered = planned
-            if not state.running:
-                state.buffered = None
-                self._spawn(self._fire(state, planned), start=True)
+            if held.running:
+                held.buffered = planned  # fired when the job's running build ends
+            else:
+                self._spawn(self._fire(held, planned), start=True)
         now = self._now()
         for state in self._jobs.values():
             self._catch_up(state, now)
@@ -334,9 +336,10 @@ class Daemon:
         self._decide(job.name, planned, "skipped", "overlap")
         return True
 
-    def _decide(self, job: str, planned: datetime, outcome: str, reason: str | None) -> bool:
-        assert outcome in ("fired", "skipped")
-        if not self._store.decide(job, planned, outcome, reason):  # type: ignore[arg-type]
+    def _decide(
+        self, job: str, planned: datetime, outcome: Literal["fired", "skipped"], reason: str | None
+    ) -> bool:
+        if not self._store.decide(job, planned, outcome, reason):
             return False
         self._announce(job, planned, outcome, reason)
         return True
@@ -495,14 +498,11 @@ def _origin(value: str) -> Origin:
     return "schedule" if value == "schedule" else "watch" if value == "watch" else "manual"
 
 
-async def run_daemon(
-    config: Config, *, console: bool = False, clock: Clock | None = None
-) -> ExitCode:
+async def run_daemon(config: Config, *, clock: Clock | None = None) -> ExitCode:
     """Open the store and the runtime, and run until SIGTERM/SIGINT (or a fatal error)."""
     store = Store.open(config.state.path)
     try:
-        sinks = build_sinks(config.sinks, console=True if console else None)
-        async with open_runtime(config, sinks=sinks, clock=clock) as rt:
+        async with open_runtime(config, sinks=build_sinks(config.sinks), clock=clock) as rt:
             return await Daemon(rt, store).run()
     finally:
         store.close()
