@@ -26,6 +26,7 @@ from xcloudd.config import load_config
 from xcloudd.errors import ExitCode
 from xcloudd.events import BuildRef
 from xcloudd.resolve import ResolveError
+from xcloudd.resources import RUN_FIELDS, BuildRun
 from xcloudd.runtime import Runtime, open_runtime
 from xcloudd.simulator import Fault, FaultAction, RunningSimulator, running_simulator
 from xcloudd.simulator.scenario import DEFAULT_SCENARIO, scenario_from_dict
@@ -539,3 +540,32 @@ async def until(condition: Callable[[], bool], rounds: int = 100_000) -> None:
             return
         await asyncio.sleep(0)
     raise AssertionError("the condition never held")
+
+
+@pytest.mark.parametrize("seconds_before", [0, 10], ids=["pending", "complete"])
+async def test_following_a_run_already_read_from_a_list_costs_no_extra_poll(
+    sim: RunningSimulator, fake_clock: FakeClock, tmp_path: Path, seconds_before: float
+) -> None:
+    """A watched run found in the workflow's list is not fetched again at once; a complete one
+    gets the one poll that reads its actions for build.completed."""
+    workflow = wf_id(sim, "CI")
+    async with runtime(sim, tmp_path, fake_clock) as (rt, sink):
+        run = sim.sim.start_run(workflow)
+        fake_clock.advance(seconds_before)
+        listing = await rt.client.get(
+            f"/v1/ciWorkflows/{workflow}/buildRuns",
+            {"sort": "-number", "limit": "1", "fields[ciBuildRuns]": RUN_FIELDS},
+        )
+        known = BuildRun.parse(listing["data"][0])
+        watcher = Watcher(rt.client, rt.emitter, rt.clock, rt.config.polling)
+        loop = asyncio.create_task(watcher.run())
+        try:
+            ref = BuildRef(run.id, known.number, workflow, None, "watch")
+            outcome = await watcher.follow(ref, known=known)
+        finally:
+            loop.cancel()
+            await asyncio.gather(loop, return_exceptions=True)
+    assert outcome.exit_code == ExitCode.OK
+    assert len(poll_times(sim, run.id)) == 1
+    assert sink.names("build.") == ["build.created", "build.started", "build.completed"]
+    assert sink.one("build.completed")["actions"], "build.completed lacks the run's actions"

@@ -485,7 +485,7 @@ class Daemon:
                 created_at=run.created,
             ):
                 ref = BuildRef(run.id, run.number, workflow_id, None, "watch")
-                self._follow(ref, created_emitted=False)
+                self._follow(ref, created_emitted=False, known=run)
         top = max((r.number or 0 for r in runs), default=highest)
         if top > highest:
             self._store.set_cursor(workflow_id, top)

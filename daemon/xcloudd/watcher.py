@@ -133,10 +133,12 @@ class Watcher:
             started_emitted=started_emitted,
         )
         self._runs[ref.build_run_id] = tracked
-        if known is not None:
+        if known is not None and known.progress != "COMPLETE":
             self._observe(tracked, known)
-        if not tracked.done.done():
-            self._schedule(ref.build_run_id, 0.0 if known is None else self._interval(tracked))
+            self._schedule(ref.build_run_id, self._interval(tracked))
+        else:
+            # Unknown, or already complete: one poll now reads the final state and its actions.
+            self._schedule(ref.build_run_id, 0.0)
         return tracked.done
 
     def poke(self, build_run_id: str) -> bool:
