@@ -21,6 +21,7 @@ import pytest
 
 from conftest import schema_problems
 from xcloudd.cli import main
+from xcloudd.errors import redact_key_material
 from xcloudd.simulator import (
     ApiKey,
     Fault,
@@ -208,6 +209,9 @@ def test_config_error_exits_78_naming_file_and_key(
         ["frobnicate"],
         ["start", "--branch", "main", "--tag", "v1.2.0"],
         ["check", "--count", "0"],
+        ["check", "--count", "1001"],
+        ["check", "--count", "abc"],
+        ["start", "--workflow", "W", "--tag", "v1", "--pull-request", "7"],
     ],
 )
 def test_usage_errors_exit_64(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -242,3 +246,126 @@ def test_check_json_shows_upcoming_fire_times(
         "2026-12-02T02:30:00+01:00",
         "2026-12-03T02:30:00+01:00",
     ]
+
+
+def _offline_config(tmp_path: Path, extra: str = "") -> Path:
+    config = write_client_files(tmp_path / "client", "http://127.0.0.1:9", generate_key())
+    config.write_text(config.read_text(encoding="utf-8") + extra, encoding="utf-8")
+    return config
+
+
+HALF_SECOND_JOB = (
+    '\n[[jobs]]\nname = "fast"\nworkflow = "a3946af0-cc38-4e0b-acba-5575c8dad050"\nevery = 0.5\n'
+)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["check"], ["status"], ["run"], ["start", "fast"], ["watch", "run-1"], ["workflows"]],
+)
+def test_every_command_refuses_a_schedule_the_daemon_would_refuse(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    command: list[str],
+) -> None:
+    def went_online(main: Any) -> None:
+        main.close()
+        raise AssertionError("the config passed, and the command went on to the network")
+
+    # A command that got past the config would hang retrying 127.0.0.1:9; fail fast instead.
+    monkeypatch.setattr(asyncio, "run", went_online)
+    config = _offline_config(tmp_path, HALF_SECOND_JOB)
+    assert main(["--config", str(config), *command]) == 78
+    line = assert_one_line(capsys.readouterr().err)
+    assert line == f"xcloudd: {config}: jobs[0].every: every must be at least 1 second, got 0.5"
+
+
+def test_base_url_with_a_password_exits_78_without_showing_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = _offline_config(tmp_path)
+    text = config.read_text(encoding="utf-8").replace(
+        'base_url = "http://127.0.0.1:9"', 'base_url = "https://u:hunter2-pw@127.0.0.1:9"'
+    )
+    config.write_text(text, encoding="utf-8")
+    assert main(["--config", str(config), "check"]) == 78
+    line = assert_one_line(capsys.readouterr().err)
+    assert f"{config}: api.base_url: must not contain a user name or password" in line
+    assert "hunter2" not in line
+
+
+def test_key_material_in_any_message_is_redacted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """parse_time quotes what it could not read; the CLI still must not print a key."""
+    key = generate_key()
+    body = "".join(
+        line for line in key.private_key_pem.decode().splitlines() if not line.startswith("-----")
+    )
+    config = _offline_config(tmp_path)
+    assert main(["--config", str(config), "check", "--from", body]) == 64
+    line = assert_one_line(capsys.readouterr().err)
+    assert "[redacted]" in line
+    assert "is not a time" in line
+    assert body[:20] not in line
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        (
+            "a -----BEGIN PRIVATE KEY----- MIGHAgEAMBMG ByqGSM49 -----END PRIVATE KEY----- b",
+            "a [redacted] b",
+        ),
+        ("cut short: -----BEGIN EC PRIVATE KEY----- MIGHAgEAMBMG", "cut short: [redacted]"),
+        (
+            "key MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg+x/y== here",
+            "key [redacted] here",
+        ),
+        # Long paths and digit strings are base64 characters too, but nothing like a key.
+        (
+            "/Users/JohnSmith/Library/ApplicationSupport/xcloudd/config.toml: no",
+            "/Users/JohnSmith/Library/ApplicationSupport/xcloudd/config.toml: no",
+        ),
+        ("--count 99999999999999999999999999999999999999999", None),
+        ("short Ab3dE5gH", None),
+        ("k.p8: not a PEM private key (no -----BEGIN line); App Store Connect keys", None),
+    ],
+)
+def test_redaction_of_key_material(text: str, shown: str | None) -> None:
+    assert redact_key_material(text) == (text if shown is None else shown)
+
+
+@pytest.mark.parametrize(
+    ("argv", "reason"),
+    [
+        (["start", "nightly", "--product", "P"], "drop --product"),
+        (["start", "nightly", "--workflow", "W"], "either a JOB or --workflow, not both"),
+        (["start", "nightly", "--branch", "main"], "drop --branch/--tag"),
+        (["start", "nope"], "no job 'nope' in"),
+        (["start"], "name a JOB from the config, or give --workflow"),
+        (["check", "--from", "garbage"], "--from 'garbage' is not a time"),
+        # Shown in a job's time zone, these would be outside Python's calendar.
+        (["check", "--from", "9999-12-31T00:00:00Z"], "out of range; give a time from 1970"),
+        (["check", "--from", "0001-01-01"], "out of range; give a time from 1970 to 8999"),
+    ],
+)
+def test_argument_mistakes_exit_64_with_a_valid_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], reason: str
+) -> None:
+    job = '\n[[jobs]]\nname = "nightly"\nworkflow = "a3946af0-cc38-4e0b-acba-5575c8dad050"\n'
+    config = _offline_config(tmp_path, job)
+    assert main(["--config", str(config), *argv]) == 64
+    captured = capsys.readouterr()
+    assert reason in assert_one_line(captured.err)
+    assert captured.out == ""
+
+
+def test_a_bad_argument_is_reported_before_a_bad_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same mistake gets the same exit code, whatever else is wrong."""
+    config = _offline_config(tmp_path, HALF_SECOND_JOB)
+    assert main(["--config", str(config), "check", "--from", "garbage"]) == 64
+    assert "--from 'garbage' is not a time" in assert_one_line(capsys.readouterr().err)

@@ -339,6 +339,19 @@ def test_toml_syntax_error_names_line_and_column(fail: Fail, config_path: Path) 
     assert "Illegal character" in message
 
 
+def test_numbers_tomllib_cannot_read(fail: Fail, config_path: Path) -> None:
+    # tomllib raises a plain ValueError for these, not TOMLDecodeError.
+    message = fail(API + "\n[polling]\nbudget = 1" + "0" * 5000 + "\n")
+    assert message == (
+        f"{config_path}: invalid TOML: a number is too long (over 4300 digits); shorten it"
+    )
+
+
+def test_too_deeply_nested_toml(fail: Fail, config_path: Path) -> None:
+    message = fail(API + "x = " + "[" * 5000 + "]" * 5000 + "\n")
+    assert message.startswith(f"{config_path}: invalid TOML: arrays or inline tables nested")
+
+
 def test_toml_error_at_end_of_document(fail: Fail, config_path: Path) -> None:
     message = fail("[api]\nkey_id = ")
     assert message.startswith(f"{config_path}: line 2, column 10 (end of file): invalid TOML:")
@@ -361,6 +374,9 @@ JOB = f'[[jobs]]\nname = "j"\nworkflow = "{WORKFLOW_ID}"\n'
         (API + "\n[polling]\nintervall = 3\n", "polling.intervall", "did you mean 'interval'?"),
         ("sink = 1\n" + API, "sink", "unknown key 'sink' (known: api, state,"),
         (API + "api_key = 1\n", "api.api_key", "unknown key 'api_key'"),
+        # Shown as it would be written, so a control character cannot garble the line.
+        (API + '"a\\u001bb" = 1\n', 'api."a\\u001bb"', "unknown key 'a\\x1bb'"),
+        (API + '"a.b" = 1\n', 'api."a.b"', "unknown key 'a.b'"),
         (API + JOB + JOB.replace('"j"', '"k"') + 'branh = "main"\n', "jobs[1].branh", "branch"),
         ("polling = 3\n" + API, "polling", "expected a table ([polling]), got 3"),
         (API + '\n[sinks]\ntype = "stdout"\n', "sinks", "expected an array of tables ([[sinks]]"),
@@ -372,10 +388,43 @@ JOB = f'[[jobs]]\nname = "j"\nworkflow = "{WORKFLOW_ID}"\n'
         (API.replace(f'issuer_id = "{ISSUER}"', 'issuer_id = ""'), "api.issuer_id", "not be empty"),
         (API + 'base_url = "ftp://x"\n', "api.base_url", "expected an http:// or https:// URL"),
         (API + 'base_url = "localhost:80"\n', "api.base_url", "http:// or https://"),
+        (API + 'base_url = "https://h/v1"\n', "api.base_url", "must not have a path"),
+        (API + 'base_url = "https://h?x=1"\n', "api.base_url", "must not have a query"),
+        (API + 'base_url = "https://h#top"\n', "api.base_url", "or fragment (#...)"),
+        (API + 'base_url = "https://h:99999"\n', "api.base_url", "port must be a number from 1"),
+        (API + 'base_url = "https://h:0"\n', "api.base_url", "port must be a number from 1"),
+        (API + 'base_url = "https://h:http"\n', "api.base_url", "port must be a number from 1"),
+        (API + 'base_url = "http://::1:8080"\n', "api.base_url", "IPv6 address in brackets"),
+        (API + 'base_url = "http://[::zz]:8080"\n', "api.base_url", "IPv6 address goes in"),
+        (API + 'base_url = "https://a b"\n', "api.base_url", "must not contain spaces"),
+        (API + 'base_url = "https://bad!host"\n', "api.base_url", "not a valid host name"),
+        (API + 'base_url = "https://bücher.de"\n', "api.base_url", "its xn-- form"),
+        (API + 'base_url = "https://"\n', "api.base_url", "http:// or https:// URL"),
         (API + 'timeout = "0s"\n', "api.timeout", "must be more than 0"),
         (API + 'timeout = "soon"\n', "api.timeout", 'expected a duration like "90s"'),
         # state
         (API + "\n[state]\npath = 3\n", "state.path", "expected a string, got 3"),
+        (
+            API + "\n[state]\noutbox_max_events = 999\n",
+            "state.outbox_max_events",
+            "must be from 1000 to 1000000000, got 999; default 100000",
+        ),
+        (
+            API + "\n[state]\noutbox_max_events = 1e5\n",
+            "state.outbox_max_events",
+            "expected a whole number like 100000, got 100000.0",
+        ),
+        (
+            API + '\n[state]\noutbox_max_events = "100000"\n',
+            "state.outbox_max_events",
+            "expected a whole number",
+        ),
+        (
+            API + '\n[state]\noutbox_max_age = "59m"\n',
+            "state.outbox_max_age",
+            'use at least "1h" (default "7d")',
+        ),
+        (API + '\n[state]\noutbox_max_age = "a week"\n', "state.outbox_max_age", "duration"),
         # polling
         (API + '\n[polling]\ninterval = "1s"\n', "polling.interval", "is outside"),
         (API + '\n[polling]\ninterval = "10m"\n', "polling.interval", "(5s..5m)"),
@@ -383,6 +432,8 @@ JOB = f'[[jobs]]\nname = "j"\nworkflow = "{WORKFLOW_ID}"\n'
         (API + "\n[polling]\nbudget = 1.5\n", "polling.budget", "at most 1 (e.g. 0.8), got 1.5"),
         (API + "\n[polling]\nbudget = 0\n", "polling.budget", "above 0"),
         (API + '\n[polling]\nbudget = "80%"\n', "polling.budget", 'expected a number, got "80%"'),
+        (API + "\n[polling]\nbudget = 1" + "0" * 400 + "\n", "polling.budget", "finite number"),
+        (API + "\n[polling]\nbudget = 0x" + "f" * 5000 + "\n", "polling.budget", "too large"),
         (API + "\n[polling]\ngive_up_after = 0\n", "polling.give_up_after", "more than 0"),
         # server
         (API + '\n[server]\nlisten = "9464"\n', "server.listen", 'expected "HOST:PORT"'),
@@ -390,6 +441,10 @@ JOB = f'[[jobs]]\nname = "j"\nworkflow = "{WORKFLOW_ID}"\n'
         (API + '\n[server]\nlisten = ":9464"\n', "server.listen", '"0.0.0.0:9464"'),
         (API + '\n[server]\nlisten = "h:70000"\n', "server.listen", "out of range"),
         (API + '\n[server]\nlisten = "[zz]:1"\n', "server.listen", "not an IPv6 address"),
+        # "²" passes str.isdigit() but not int().
+        (API + '\n[server]\nlisten = "h:²"\n', "server.listen", 'expected "HOST:PORT"'),
+        (API + '\n[server]\nlisten = "h:1' + "0" * 5000 + '"\n', "server.listen", "out of range"),
+        (API + '\n[server]\nlisten = "b@d:80"\n', "server.listen", "not a host name"),
         (API + '\n[server]\nwebhook_token = "short"\n', "server.webhook_token", "too short"),
         (
             API + '\n[server]\nwebhook_token = "has space in it!!!"\n',
@@ -429,6 +484,24 @@ JOB = f'[[jobs]]\nname = "j"\nworkflow = "{WORKFLOW_ID}"\n'
         (API + JOB + 'cron = "* * * * *"\nevery = "1h"\n', "jobs[0].every", "conflicts with"),
         (API + JOB + 'every = "1h"\nat = 2026-01-01T00:00:00Z\n', "jobs[0].at", "conflicts with"),
         (API + JOB + 'every = "0s"\n', "jobs[0].every", "must be more than 0"),
+        # Passes as a duration, but the schedule needs at least a second.
+        (API + JOB + "every = 0.5\n", "jobs[0].every", "every must be at least 1 second"),
+        (API + JOB + 'every = "36501d"\n', "jobs[0].every", 'at most 100 years ("36500d")'),
+        (API + JOB + 'every = "1' + "0" * 400 + 's"\n', "jobs[0].every", "at most 100 years"),
+        (API + JOB + "every = 1" + "0" * 400 + "\n", "jobs[0].every", "at most 100 years"),
+        (API + JOB + 'cron = "* * * * *"\njitter = 1e300\n', "jobs[0].jitter", "at most"),
+        (
+            API + JOB + "at = 0001-01-01T00:00:00+01:00\n",
+            "jobs[0].at",
+            "0001-01-01T00:00:00+01:00 is out of range",
+        ),
+        (API + JOB + 'at = "9999-12-31T23:59:59-01:00"\n', "jobs[0].at", "is out of range"),
+        # Plus up to 100 years of jitter, or shown in the job's time zone, past year 9999.
+        (
+            API + JOB + "at = 9000-01-01T00:00:00Z\n",
+            "jobs[0].at",
+            "9000-01-01T00:00:00+00:00 is out of range; use a date from the year 1 to 8999",
+        ),
         (API + JOB + "at = 2026-12-24T18:00:00\n", "jobs[0].at", "has no UTC offset"),
         (API + JOB + 'at = "2026-12-24T18:00:00"\n', "jobs[0].at", "has no UTC offset"),
         (API + JOB + "at = 2026-12-24\n", "jobs[0].at", "expected an RFC 3339 date-time"),
@@ -440,6 +513,9 @@ JOB = f'[[jobs]]\nname = "j"\nworkflow = "{WORKFLOW_ID}"\n'
         (API + JOB + 'at = "2026-02-30T18:00:00Z"\n', "jobs[0].at", "not a real date and time"),
         (API + JOB + 'timezone = "Mars/Olympus"\n', "jobs[0].timezone", "unknown time zone"),
         (API + JOB + 'timezone = "../etc/passwd"\n', "jobs[0].timezone", "IANA name"),
+        # A folder of the tz database, and a name too long for a file name: OSErrors.
+        (API + JOB + 'timezone = "America"\n', "jobs[0].timezone", "unknown time zone"),
+        (API + JOB + f'timezone = "{"a" * 300}"\n', "jobs[0].timezone", "unknown time zone"),
         (
             API + JOB + 'overlap = "queue"\n',
             "jobs[0].overlap",
@@ -591,7 +667,23 @@ KEY_CASES: dict[str, KeyCase] = {
     "pasted pem": lambda d, good: (
         good.decode().replace("\n", "\\n"),
         {},
-        "looks like the key itself",
+        "looks like key material pasted inline (PEM text, not shown); put it in a file",
+    ),
+    "pasted base64 without BEGIN/END lines": lambda d, good: (
+        "".join(body_lines(good)),
+        {},
+        "looks like key material pasted inline (base64 text, not shown)",
+    ),
+    "pasted base64 lines": lambda d, good: (
+        "\\n".join(body_lines(good)),
+        {},
+        "looks like key material pasted inline (base64 text, not shown); put it in a file and "
+        'give its path, or use "env:NAME" or "credential:NAME"',
+    ),
+    "pasted after env:": lambda d, good: (
+        "env:" + "".join(body_lines(good)),
+        {},
+        "looks like key material pasted inline",
     ),
 }
 
@@ -614,6 +706,7 @@ def test_unusable_keys(
                 assert line not in message
     for line in body_lines(p256_pem):
         assert line not in message
+        assert line[:20] not in message
 
 
 def test_key_id_must_match_the_downloaded_file_name(fail: Fail, config_path: Path) -> None:
@@ -659,3 +752,55 @@ def test_secrets_absent_from_type_errors(fail: Fail) -> None:
 def test_configs_compare_by_value(load: Load) -> None:
     # The daemon can tell whether a reload changed anything.
     assert load(API) == load(API)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["https://u:hunter2-pw@host", "https://hunter2-pw@host", "https://u:hunter2-pw@host:99999/x?y"],
+)
+def test_base_url_with_credentials_is_refused_without_echoing_them(
+    fail: Fail, config_path: Path, url: str
+) -> None:
+    message = fail(API + f'base_url = "{url}"\n')
+    assert message.startswith(f"{config_path}: api.base_url: "), message
+    assert "hunter2" not in message
+    assert "must not contain a user name or password" in message
+
+
+@pytest.mark.parametrize(
+    ("url", "stored"),
+    [
+        ("https://api.appstoreconnect.apple.com/", "https://api.appstoreconnect.apple.com"),
+        ("http://127.0.0.1:8080", "http://127.0.0.1:8080"),
+        ("http://[::1]:8080/", "http://[::1]:8080"),
+        ("http://sim_host:80", "http://sim_host:80"),
+        ("HTTPS://API.EXAMPLE.COM", "HTTPS://API.EXAMPLE.COM"),
+    ],
+)
+def test_base_urls_that_work(load: Load, url: str, stored: str) -> None:
+    assert load(API + f'base_url = "{url}"\n').api.base_url == stored
+
+
+def test_outbox_bounds_default_and_load(load: Load) -> None:
+    defaults = load(API).state
+    assert (defaults.outbox_max_events, defaults.outbox_max_age) == (100_000, 7 * 86400)
+    state = load(API + '\n[state]\noutbox_max_events = 1000\noutbox_max_age = "1h"\n').state
+    assert (state.outbox_max_events, state.outbox_max_age) == (1000, 3600)
+
+
+def test_key_material_pasted_into_another_key_is_not_echoed(
+    fail: Fail, p256_pem: bytes, config_path: Path
+) -> None:
+    body = "".join(body_lines(p256_pem))
+    message = fail(API.replace(f'issuer_id = "{ISSUER}"', f'issuer_id = "{body}"'))
+    assert message.startswith(f"{config_path}: api.issuer_id: expected a UUID")
+    assert "got a string that looks like key material (not shown)" in message
+    assert body[:20] not in message
+
+
+def test_every_command_refuses_what_the_schedule_refuses(load: Load, fail: Fail) -> None:
+    # The daemon builds these schedules when it starts; they must fail at load already.
+    assert load(API + JOB + "every = 1\n").job("j").every == 1
+    assert "jobs[0].every: every must be at least 1 second, got 0.5" in fail(
+        API + JOB + "every = 0.5\n"
+    )

@@ -11,7 +11,7 @@ import asyncio
 import copy
 import itertools
 import re
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -24,14 +24,15 @@ from xcloudd.api import ApiError, RateLimit
 from xcloudd.clock import FakeClock
 from xcloudd.config import load_config
 from xcloudd.errors import ExitCode
-from xcloudd.events import BuildRef
+from xcloudd.follower import Follower
 from xcloudd.resolve import ResolveError
 from xcloudd.resources import RUN_FIELDS, BuildRun
 from xcloudd.runtime import Runtime, open_runtime
 from xcloudd.simulator import Fault, FaultAction, RunningSimulator, running_simulator
 from xcloudd.simulator.scenario import DEFAULT_SCENARIO, scenario_from_dict
+from xcloudd.sinks import Record
 from xcloudd.starter import Target, resolve_target
-from xcloudd.watcher import Watcher
+from xcloudd.store import NewRun
 
 BUILD_FIELDS = ("build_run_id", "build_number", "workflow_id", "job", "origin")
 COMMON_FIELDS = ("timestamp", "level", "event", "event_id", "service")
@@ -40,18 +41,21 @@ LONG_RUN_S = 45 * 60
 
 
 class CollectingSink:
-    """Keeps every event record, in order."""
+    """Keeps every event record delivered from the outbox, in order."""
 
     name = "collect"
 
     def __init__(self) -> None:
         self.records: list[dict[str, Any]] = []
 
-    def accepts(self, event_name: str) -> bool:
+    def accepts(self, record: Record) -> bool:
         return True
 
-    def deliver(self, record: Mapping[str, Any]) -> None:
-        self.records.append(dict(record))
+    async def write(self, records: Sequence[Record]) -> None:
+        self.records.extend(dict(r.fields) for r in records)
+
+    def reopen(self) -> None:
+        return None
 
     async def aclose(self) -> None:
         return None
@@ -77,7 +81,9 @@ async def runtime(
     if extra:
         path.write_text(path.read_text(encoding="utf-8") + "\n" + extra, encoding="utf-8")
     sink = CollectingSink()
-    async with open_runtime(load_config(path, env={}), sinks=[sink], clock=clock) as rt:
+    async with open_runtime(
+        load_config(path, env={}), sinks=[sink], clock=clock, store_path=None
+    ) as rt:
         yield rt, sink
 
 
@@ -504,15 +510,15 @@ async def test_a_poke_polls_now_without_doubling_the_cadence(tmp_path: Path) -> 
         runtime(sim, tmp_path, clock, '[polling]\ninterval = "30s"\n') as (rt, _),
     ):
         run = sim.sim.start_run(wf_id(sim, "CI"))
-        watcher = Watcher(rt.client, rt.emitter, rt.clock, rt.config.polling)
-        loop = asyncio.create_task(watcher.run())
+        follower = follower_of(rt)
+        loop = asyncio.create_task(follower.run())
         start = clock.time()
         try:
-            watcher.follow(BuildRef(run.id, None, wf_id(sim, "CI"), None, "watch"))
+            await record(rt, run.id, wf_id(sim, "CI"), None)
             await until(lambda: len(poll_times(sim, run.id)) == 1)
             await until(lambda: clock.next_wakeup() == start + 30)  # the next poll is planned
             clock.advance_to(start + 10)
-            assert watcher.poke(run.id)
+            assert follower.poke(run.id)
             await until(lambda: len(poll_times(sim, run.id)) == 2)
             for second in range(11, 200):
                 clock.advance_to(start + second)
@@ -527,6 +533,26 @@ async def test_a_poke_polls_now_without_doubling_the_cadence(tmp_path: Path) -> 
     # not also the poll that was planned before the poke.
     assert len(times) == 8, times
     assert all(29 <= b - a <= 31 for a, b in itertools.pairwise(times[1:])), times
+
+
+def follower_of(rt: Runtime) -> Follower:
+    return Follower(
+        rt.store, rt.client, rt.events, rt.clock, rt.config.polling, report=rt.supervisor.report
+    )
+
+
+async def record(rt: Runtime, run_id: str, workflow: str, known: BuildRun | None) -> None:
+    """A watched run, as discovery records it (from a list entry when `known`)."""
+    new = NewRun(
+        run_id=run_id,
+        number=known.number if known else None,
+        workflow_id=workflow,
+        job=None,
+        origin="watch",
+        created_at=known.created if known else None,
+        progress=known.progress if known else None,
+    )
+    await rt.store.call(rt.store.sync.record_run, new, intent_id=None, reconciled=False)
 
 
 def poll_times(sim: RunningSimulator, run_id: str) -> list[float]:
@@ -557,15 +583,9 @@ async def test_following_a_run_already_read_from_a_list_costs_no_extra_poll(
             {"sort": "-number", "limit": "1", "fields[ciBuildRuns]": RUN_FIELDS},
         )
         known = BuildRun.parse(listing["data"][0])
-        watcher = Watcher(rt.client, rt.emitter, rt.clock, rt.config.polling)
-        loop = asyncio.create_task(watcher.run())
-        try:
-            ref = BuildRef(run.id, known.number, workflow, None, "watch")
-            outcome = await watcher.follow(ref, known=known)
-        finally:
-            loop.cancel()
-            await asyncio.gather(loop, return_exceptions=True)
-    assert outcome.exit_code == ExitCode.OK
+        await record(rt, run.id, workflow, known)
+        code = await commands.follow(rt, run.id)
+    assert code == ExitCode.OK
     assert len(poll_times(sim, run.id)) == 1
     assert sink.names("build.") == ["build.created", "build.started", "build.completed"]
     assert sink.one("build.completed")["actions"], "build.completed lacks the run's actions"

@@ -215,20 +215,20 @@ def test_a_skipped_time_and_the_time_after_the_gap_merge_into_one_fire() -> None
 
 
 def test_hourly_across_both_berlin_nights() -> None:
+    # A wildcard job: it fires once per real hour through both nights.
     hourly = cron("0 * * * *", "Europe/Berlin")
     spring = between(hourly, utc(2027, 3, 27, 22), utc(2027, 3, 28, 3))
-    # Wall 02:00 is skipped and merges with 03:00: one fire per real hour, no gap.
     assert spring == [utc(2027, 3, 27, 23), *(utc(2027, 3, 28, h) for h in range(4))]
-    autumn = between(hourly, utc(2026, 10, 24, 22), utc(2026, 10, 25, 3))
-    # Wall 02:00 repeats: it fires at its first pass (00:00Z) only, so 01:00Z has no fire.
-    assert autumn == [
-        utc(2026, 10, 24, 23),
-        utc(2026, 10, 25, 0),
-        *(utc(2026, 10, 25, h) for h in (2, 3)),
+    assert walls(spring, "Europe/Berlin")[1:3] == [
+        "Sun 2027-03-28 01:00 CET",
+        "Sun 2027-03-28 03:00 CEST",  # wall 02:00 does not exist that night
     ]
+    autumn = between(hourly, utc(2026, 10, 24, 22), utc(2026, 10, 25, 3))
+    assert autumn == [utc(2026, 10, 24, 23), *(utc(2026, 10, 25, h) for h in range(4))]
     assert walls(autumn, "Europe/Berlin") == [
         "Sun 2026-10-25 01:00 CEST",
         "Sun 2026-10-25 02:00 CEST",
+        "Sun 2026-10-25 02:00 CET",
         "Sun 2026-10-25 03:00 CET",
         "Sun 2026-10-25 04:00 CET",
     ]
@@ -240,11 +240,12 @@ def test_every_half_hour_across_both_berlin_nights() -> None:
     step = timedelta(minutes=30)
     assert spring == [utc(2027, 3, 28) + i * step for i in range(5)]
     autumn = between(half, utc(2026, 10, 24, 23, 45), utc(2026, 10, 25, 2, 30))
-    assert autumn == [
-        utc(2026, 10, 25, 0, 0),  # 02:00 CEST
-        utc(2026, 10, 25, 0, 30),  # 02:30 CEST; the CET repeats of 02:00 and 02:30 don't fire
-        utc(2026, 10, 25, 2, 0),  # 03:00 CET
-        utc(2026, 10, 25, 2, 30),
+    assert autumn == [utc(2026, 10, 25) + i * step for i in range(6)]
+    assert walls(autumn, "Europe/Berlin")[:4] == [
+        "Sun 2026-10-25 02:00 CEST",
+        "Sun 2026-10-25 02:30 CEST",
+        "Sun 2026-10-25 02:00 CET",
+        "Sun 2026-10-25 02:30 CET",
     ]
 
 
@@ -264,10 +265,112 @@ def test_next_after_from_inside_the_repeated_hour_goes_past_it() -> None:
     assert schedule.next_after(utc(2026, 10, 25, 1, 15)) == utc(2026, 10, 26, 1, 30)
 
 
-def _oracle(
+BERLIN = "Europe/Berlin"
+QUARTER = timedelta(minutes=15)
+
+
+def test_every_quarter_hour_keeps_real_time_through_both_berlin_nights() -> None:
+    quarter = cron("*/15 * * * *", BERLIN)
+    autumn = between(quarter, utc(2026, 10, 24, 22), utc(2026, 10, 25, 4))
+    assert autumn == [utc(2026, 10, 24, 22) + i * QUARTER for i in range(1, 25)]
+    # Wall 02:00-03:00 happens twice and the job fires through both passes: 8 fires.
+    assert [w for w in walls(autumn, BERLIN) if " 02:" in w] == [
+        f"Sun 2026-10-25 02:{m:02d} {zone}" for zone in ("CEST", "CET") for m in (0, 15, 30, 45)
+    ]
+    spring = between(quarter, utc(2027, 3, 27, 22), utc(2027, 3, 28, 4))
+    # Wall 02:00-03:00 does not exist: nothing is made up for it, real time just goes on.
+    assert spring == [utc(2027, 3, 27, 22) + i * QUARTER for i in range(1, 25)]
+    assert not [w for w in walls(spring, BERLIN) if " 02:" in w]
+
+
+def test_half_past_every_hour_across_both_berlin_nights() -> None:
+    half_past = cron("30 * * * *", BERLIN)
+    spring = between(half_past, utc(2027, 3, 27, 22), utc(2027, 3, 28, 3))
+    assert walls(spring, BERLIN) == [
+        "Sat 2027-03-27 23:30 CET",
+        "Sun 2027-03-28 00:30 CET",
+        "Sun 2027-03-28 01:30 CET",
+        "Sun 2027-03-28 03:30 CEST",  # nothing at 03:00 for the skipped 02:30
+        "Sun 2027-03-28 04:30 CEST",
+    ]
+    assert spring == [utc(2027, 3, 27, 22, 30) + timedelta(hours=h) for h in range(5)]
+    autumn = between(half_past, utc(2026, 10, 24, 22), utc(2026, 10, 25, 3))
+    assert walls(autumn, BERLIN) == [
+        "Sun 2026-10-25 00:30 CEST",
+        "Sun 2026-10-25 01:30 CEST",
+        "Sun 2026-10-25 02:30 CEST",
+        "Sun 2026-10-25 02:30 CET",
+        "Sun 2026-10-25 03:30 CET",
+    ]
+    assert autumn == [utc(2026, 10, 24, 22, 30) + timedelta(hours=h) for h in range(5)]
+
+
+def test_wildcard_hour_with_a_fixed_minute_across_both_berlin_nights() -> None:
+    every_other_hour = cron("0 */2 * * *", BERLIN)
+    spring = between(every_other_hour, utc(2027, 3, 27, 20), utc(2027, 3, 28, 6))
+    assert walls(spring, BERLIN) == [
+        "Sat 2027-03-27 22:00 CET",
+        "Sun 2027-03-28 00:00 CET",
+        "Sun 2027-03-28 04:00 CEST",  # 02:00 does not exist: no fire, three real hours pass
+        "Sun 2027-03-28 06:00 CEST",
+        "Sun 2027-03-28 08:00 CEST",
+    ]
+    autumn = between(every_other_hour, utc(2026, 10, 24, 20), utc(2026, 10, 25, 6))
+    assert autumn == [utc(2026, 10, 24, 22), *(utc(2026, 10, 25, h) for h in (0, 1, 3, 5))]
+    assert walls(autumn, BERLIN)[1:3] == ["Sun 2026-10-25 02:00 CEST", "Sun 2026-10-25 02:00 CET"]
+
+
+def test_wildcard_minute_in_a_fixed_hour_skips_the_spring_night_and_doubles_in_autumn() -> None:
+    # Vixie cron's rule taken to its end: the hour is fixed, but "*/20" makes it a wildcard job.
+    job = cron("*/20 2 * * *", BERLIN)
+    autumn = missed_between(job, utc(2026, 10, 24, 12), utc(2026, 10, 25, 12))
+    assert autumn == Missed(6, utc(2026, 10, 25, 0), utc(2026, 10, 25, 1, 40))
+    assert missed_between(job, utc(2027, 3, 27, 12), utc(2027, 3, 28, 12)) == Missed(0, None, None)
+    assert job.next_after(utc(2027, 3, 27, 12)) == utc(2027, 3, 29, 0)  # 02:00 CEST, Monday
+
+
+def test_fixed_time_jobs_keep_their_rule_next_to_wildcard_jobs() -> None:
+    fixed, wildcard = cron("30 2 * * *", BERLIN), cron("30 * * * *", BERLIN)
+    autumn = (utc(2026, 10, 25, 0), utc(2026, 10, 25, 2))  # 02:00 CEST .. 03:00 CET
+    assert walls(between(fixed, *autumn), BERLIN) == ["Sun 2026-10-25 02:30 CEST"]
+    assert walls(between(wildcard, *autumn), BERLIN) == [
+        "Sun 2026-10-25 02:30 CEST",
+        "Sun 2026-10-25 02:30 CET",
+    ]
+    spring = (utc(2027, 3, 28, 0, 45), utc(2027, 3, 28, 1, 45))  # 01:45 CET .. 03:45 CEST
+    assert walls(between(fixed, *spring), BERLIN) == ["Sun 2027-03-28 03:00 CEST"]
+    assert walls(between(wildcard, *spring), BERLIN) == ["Sun 2027-03-28 03:30 CEST"]
+
+
+def test_wildcard_job_across_lord_howe_half_hour_shifts() -> None:
+    tz = "Australia/Lord_Howe"
+    quarter = cron("*/15 * * * *", tz)
+    # 2026-04-05 02:00 +11 goes back to 01:30 +1030: wall 01:30-02:00 repeats.
+    autumn = between(quarter, utc(2026, 4, 4, 14), utc(2026, 4, 4, 16))
+    assert autumn == [utc(2026, 4, 4, 14) + i * QUARTER for i in range(1, 9)]
+    assert walls(autumn, tz)[1:6] == [
+        "Sun 2026-04-05 01:30 +11",
+        "Sun 2026-04-05 01:45 +11",
+        "Sun 2026-04-05 01:30 +1030",
+        "Sun 2026-04-05 01:45 +1030",
+        "Sun 2026-04-05 02:00 +1030",
+    ]
+    # 2026-10-04 02:00 +1030 jumps to 02:30 +11: 02:00 and 02:15 do not exist.
+    spring = between(quarter, utc(2026, 10, 3, 15), utc(2026, 10, 3, 16))
+    assert spring == [utc(2026, 10, 3, 15) + i * QUARTER for i in range(1, 5)]
+    assert walls(spring, tz) == [
+        "Sun 2026-10-04 01:45 +1030",
+        "Sun 2026-10-04 02:30 +11",
+        "Sun 2026-10-04 02:45 +11",
+        "Sun 2026-10-04 03:00 +11",
+    ]
+
+
+def _fixed_time_oracle(
     match: Callable[[datetime], bool], tz: str, start: datetime, end: datetime
 ) -> list[datetime]:
-    """The DST rules, restated minute by minute over real time, as an independent check."""
+    """The fixed-time DST rule, restated minute by minute over real time, as an independent
+    check."""
     zone = ZoneInfo(tz)
     out: list[datetime] = []
     previous = start.astimezone(zone)
@@ -287,6 +390,22 @@ def _oracle(
     return out
 
 
+def _real_time_oracle(
+    match: Callable[[datetime], bool], tz: str, start: datetime, end: datetime
+) -> list[datetime]:
+    """The wildcard DST rule, restated: every real minute whose wall clock matches."""
+    zone = ZoneInfo(tz)
+    minutes = int((end - start) / timedelta(minutes=1))
+    instants = (start + timedelta(minutes=i) for i in range(1, minutes + 1))
+    return [i for i in instants if match(i.astimezone(zone).replace(tzinfo=None))]
+
+
+def _oracle(
+    real_time: bool, match: Callable[[datetime], bool], tz: str, start: datetime, end: datetime
+) -> list[datetime]:
+    return (_real_time_oracle if real_time else _fixed_time_oracle)(match, tz, start, end)
+
+
 @pytest.mark.parametrize(
     ("tz", "start"),
     [
@@ -301,23 +420,77 @@ def _oracle(
     ],
 )
 @pytest.mark.parametrize(
-    ("expr", "match"),
+    ("expr", "real_time", "match"),
     [
-        ("30 2 * * *", lambda w: w.hour == 2 and w.minute == 30),
-        ("0 * * * *", lambda w: w.minute == 0),
-        ("*/20 * * * *", lambda w: w.minute % 20 == 0),
-        ("15 0,1,2 * * *", lambda w: w.minute == 15 and w.hour <= 2),
-        ("0 12 * * *", lambda w: w.hour == 12 and w.minute == 0),
-        ("0 0 * * *", lambda w: w.hour == 0 and w.minute == 0),
+        ("30 2 * * *", False, lambda w: w.hour == 2 and w.minute == 30),
+        ("15 0,1,2 * * *", False, lambda w: w.minute == 15 and w.hour <= 2),
+        ("0 12 * * *", False, lambda w: w.hour == 12 and w.minute == 0),
+        ("0 0 * * *", False, lambda w: w.hour == 0 and w.minute == 0),
+        # Every half hour, but neither field starts with "*": fixed-time, as in Vixie cron.
+        ("0-59/30 0-23 * * *", False, lambda w: w.minute % 30 == 0),
+        ("0 * * * *", True, lambda w: w.minute == 0),
+        ("@hourly", True, lambda w: w.minute == 0),
+        ("*/20 * * * *", True, lambda w: w.minute % 20 == 0),
+        ("30 * * * *", True, lambda w: w.minute == 30),
+        ("0 */2 * * *", True, lambda w: w.minute == 0 and w.hour % 2 == 0),
+        ("*/10 2 * * *", True, lambda w: w.minute % 10 == 0 and w.hour == 2),
     ],
 )
 def test_dst_rules_match_a_minute_by_minute_oracle(
-    tz: str, start: datetime, expr: str, match: Callable[[datetime], bool]
+    tz: str, start: datetime, expr: str, real_time: bool, match: Callable[[datetime], bool]
 ) -> None:
     end = start + timedelta(days=4)
     got = between(cron(expr, tz), start, end)
-    assert got == _oracle(match, tz, start, end)
+    assert got == _oracle(real_time, match, tz, start, end)
     assert all(a < b for a, b in itertools.pairwise(got))
+
+
+@pytest.mark.parametrize(
+    ("expr", "tz", "real_time", "match", "start"),
+    [
+        ("*/15 * * * *", BERLIN, True, lambda w: w.minute % 15 == 0, utc(2026, 10, 24, 23)),
+        ("30 * * * *", BERLIN, True, lambda w: w.minute == 30, utc(2027, 3, 27, 23)),
+        ("0 * * * *", BERLIN, True, lambda w: w.minute == 0, utc(2026, 10, 24, 23)),
+        (
+            "*/15 * * * *",
+            "Australia/Lord_Howe",
+            True,
+            lambda w: w.minute % 15 == 0,
+            utc(2026, 4, 4, 13),
+        ),
+        # Fixed-time: passes before the wildcard rule too; it pins that this kind is unchanged.
+        (
+            "30 2 * * *",
+            BERLIN,
+            False,
+            lambda w: (w.hour, w.minute) == (2, 30),
+            utc(2026, 10, 24, 23),
+        ),
+    ],
+)
+def test_next_after_upcoming_and_missed_agree_from_any_instant_of_a_dst_night(
+    expr: str,
+    tz: str,
+    real_time: bool,
+    match: Callable[[datetime], bool],
+    start: datetime,
+) -> None:
+    # From an hour early: with jitter, the base instant at `start` itself is planned after it.
+    base = _oracle(real_time, match, tz, start - timedelta(hours=1), start + timedelta(days=4))
+    for jitter in (0, 600):
+        schedule = cron(expr, tz, jitter=jitter, name="nightly-main")
+        offset = timedelta(seconds=jitter_offset("nightly-main", jitter))
+        expected = [i + offset for i in base]
+        # From every minute and half minute, including inside either pass of a repeated hour.
+        for step in range(6 * 120 + 1):
+            after = start + step * timedelta(seconds=30)
+            ahead = [i for i in expected if i > after]
+            assert schedule.next_after(after) == ahead[0], (jitter, after)
+            assert upcoming(schedule, after, 3) == ahead[:3], (jitter, after)
+            past = [i for i in expected if start < i <= after]
+            assert missed_between(schedule, start, after) == Missed(
+                len(past), past[0] if past else None, past[-1] if past else None
+            ), (jitter, after)
 
 
 # ------------------------------------------------------------------------------------------
@@ -437,10 +610,14 @@ def test_missed_window_is_start_exclusive_end_inclusive() -> None:
 
 
 def test_missed_cron_over_a_dst_night_counts_each_fire_once() -> None:
+    start, end = utc(2026, 10, 24, 12), utc(2026, 10, 25, 12)
     hourly = cron("0 * * * *", "Europe/Berlin")
-    missed = missed_between(hourly, utc(2026, 10, 24, 12), utc(2026, 10, 25, 12))
-    assert missed.count == 23  # 24 wall hours, the repeated 02:00 counted once
-    assert missed.newest == utc(2026, 10, 25, 12)
+    # 24 real hours; the repeated wall 02:00 is two of them.
+    assert missed_between(hourly, start, end) == Missed(24, utc(2026, 10, 24, 13), end)
+    nightly = cron("0 2 * * *", "Europe/Berlin")
+    assert missed_between(nightly, start, end) == Missed(
+        1, utc(2026, 10, 25, 0), utc(2026, 10, 25, 0)
+    )
 
 
 def test_missed_cron_past_the_limit_is_capped_with_an_exact_newest() -> None:

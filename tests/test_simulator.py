@@ -7,10 +7,14 @@ all traffic against Apple's OpenAPI description when the test ends.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import random
+import re
 import stat
 import tomllib
-from collections.abc import AsyncIterator
+import tracemalloc
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,11 +32,14 @@ from xcloudd.errors import ConfigError
 from xcloudd.simulator import (
     Fault,
     FaultAction,
+    MalformedVariant,
     RunningSimulator,
+    Simulator,
     generate_key,
     load_scenario,
     mint_token,
     running_simulator,
+    scenario_from_dict,
     serve,
 )
 
@@ -561,6 +568,450 @@ async def test_bad_fault_rules_are_refused(api: Api, sim: RunningSimulator) -> N
         assert resp.status == 400
     with pytest.raises(ValueError, match="times"):
         Fault(times=0)
+
+
+@pytest.mark.parametrize(
+    ("rule", "message"),
+    [
+        ({"action": "malformed"}, "malformed needs variant, one of: unknown_enum"),
+        ({"action": "malformed", "variant": "sideways"}, "(got 'sideways')"),
+        ({"variant": "naive_date"}, "variant only applies to action malformed"),
+        ({"action": "hang", "delay": -1}, "delay must be a number of seconds >= 0, got -1"),
+        ({"action": "hang", "delay": "soon"}, "delay must be a number of seconds"),
+        ({"delay": 5}, "delay only applies to actions hang and hang_after_create"),
+        ({"then_drop": True}, "then_drop only applies to action hang"),
+        ({"action": "oversize", "size": 10}, "size must be an integer >= 33 bytes, got 10"),
+        ({"probability": 1.5}, "probability must be a number from 0 to 1, got 1.5"),
+        ({"probability": -0.1}, "probability must be a number from 0 to 1"),
+        ({"probability": True}, "probability must be a number from 0 to 1"),
+        ({"path": "("}, "path is not a valid regular expression"),
+        ({"times": True}, "times must be an integer >= 1"),
+        ({"action": "explode"}, "action must be one of: status, drop,"),
+        ({"speed": 1}, "unknown fault fields: speed"),
+    ],
+)
+async def test_bad_fault_rules_get_one_line_errors(
+    api: Api, sim: RunningSimulator, rule: dict[str, Any], message: str
+) -> None:
+    async with api.session.post(f"{sim.url}/_sim/faults", json=rule) as resp:
+        assert resp.status == 400
+        error = (await resp.json())["error"]
+    assert error.startswith("bad fault rule: ")
+    assert message in error
+    assert "\n" not in error
+    assert not sim.sim.faults.active()
+
+
+async def test_new_fault_fields_have_documented_defaults(api: Api, sim: RunningSimulator) -> None:
+    added = []
+    for rule in ({"action": "hang"}, {"action": "oversize"}, {"action": "hang_after_create"}):
+        async with api.session.post(f"{sim.url}/_sim/faults", json=rule) as resp:
+            assert resp.status == 201
+            added.append((await resp.json())["fault"])
+    assert [(f["delay"], f["then_drop"], f["size"]) for f in added] == [
+        (60.0, False, None),
+        (None, False, 100_000_000),
+        (60.0, False, None),
+    ]
+    assert {f["probability"] for f in added} == {1.0}
+    async with api.session.get(f"{sim.url}/_sim/faults") as resp:
+        listed = (await resp.json())["faults"]
+    # A listed rule, posted back, is the same rule.
+    assert [Fault.from_dict({k: v for k, v in f.items() if k != "remaining"}) for f in listed] == [
+        Fault.from_dict(f) for f in added
+    ]
+    async with api.session.delete(f"{sim.url}/_sim/faults") as resp:
+        assert (await resp.json())["faults"] == []
+
+
+# -- 401 / 403 on demand ----------------------------------------------------------------------
+
+
+async def test_status_faults_401_and_403_are_apple_error_responses(
+    api: Api, sim: RunningSimulator
+) -> None:
+    async with api.session.post(
+        f"{sim.url}/_sim/faults", json={"method": "GET", "path": "/v1/ciProducts", "status": 401}
+    ) as resp:
+        assert resp.status == 201
+    sim.sim.faults.add(Fault(method="POST", path="/v1/ciBuildRuns", status=403))
+    unauthorized = await api.get("/v1/ciProducts")
+    forbidden = await api.start(wf_id(sim, "CI"))
+    assert (unauthorized.status, unauthorized.error["code"]) == (401, "NOT_AUTHORIZED")
+    assert unauthorized.error["status"] == "401"
+    assert "properly configured and signed bearer token" in unauthorized.error["detail"]
+    assert (forbidden.status, forbidden.error["code"]) == (403, "FORBIDDEN_ERROR")
+    assert forbidden.error["status"] == "403"
+    assert forbidden.error["title"] == "This request is forbidden for security reasons"
+    assert forbidden.error["detail"] == "The API key in use does not allow this request"
+    assert len(sim.sim.runs) == 0  # refused before handling
+    for reply in (unauthorized, forbidden):
+        asc_schema.validate_error(reply.body)
+
+    sim.sim.faults.add(Fault(status=403, code="FORBIDDEN.REQUIRED_AGREEMENTS_MISSING_OR_EXPIRED"))
+    agreements = await api.get("/v1/ciProducts")
+    assert agreements.error["code"] == "FORBIDDEN.REQUIRED_AGREEMENTS_MISSING_OR_EXPIRED"
+    assert (await api.get("/v1/ciProducts")).status == 200
+    assert [e.fault for e in sim.sim.traffic.entries] == ["status", "status", "status", None]
+
+
+# -- outage of the run lists alone --------------------------------------------------------------
+
+
+async def test_outage_of_run_lists_alone(api: Api, sim: RunningSimulator) -> None:
+    ci = wf_id(sim, "CI")
+    product = sim.sim.scenario.workflow_named("CI").product_id
+    run_id = (await api.start(ci)).body["data"]["id"]
+    async with api.session.post(
+        f"{sim.url}/_sim/faults",
+        json={"path": "/v1/ciWorkflows/[^/]+/buildRuns", "times": None, "status": 503},
+    ) as resp:
+        assert resp.status == 201
+    sim.sim.faults.add(Fault(path="/v1/ciProducts/[^/]+/buildRuns", times=None, status=503))
+
+    for _ in range(3):
+        assert (await api.get(f"/v1/ciWorkflows/{ci}/buildRuns")).status == 503
+        assert (await api.get(f"/v1/ciProducts/{product}/buildRuns")).status == 503
+        # Everything else, including polling the run itself, still works.
+        assert (await api.get(f"/v1/ciBuildRuns/{run_id}")).status == 200
+    for path in (
+        f"/v1/ciWorkflows/{ci}",
+        f"/v1/ciProducts/{product}",
+        f"/v1/ciProducts/{product}/workflows",
+        f"/v1/ciBuildRuns/{run_id}/actions",
+    ):
+        assert (await api.get(path)).status == 200, path
+    assert (await api.start(ci)).status == 201
+    async with api.session.get(f"{sim.url}/_sim/faults") as resp:
+        assert [f["remaining"] for f in (await resp.json())["faults"]] == [None, None]
+
+    async with api.session.delete(f"{sim.url}/_sim/faults"):
+        pass
+    assert (await api.get(f"/v1/ciWorkflows/{ci}/buildRuns")).status == 200
+
+
+# -- malformed ----------------------------------------------------------------------------------
+
+NAIVE = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}"
+
+
+def _check_unknown_enum(one: Reply, many: Reply) -> None:
+    for run in (one.body["data"], *many.body["data"]):
+        attributes = run["attributes"]
+        assert attributes["executionProgress"] == "QUEUED_FOR_REVIEW"
+        assert attributes["completionStatus"] == "PARTIALLY_SUCCEEDED"
+        assert attributes["startReason"] == "EXTERNAL_TRIGGER"
+        assert attributes["number"] >= 1  # the rest is untouched
+
+
+def _check_naive_date(one: Reply, many: Reply) -> None:
+    for run in (one.body["data"], *many.body["data"]):
+        attributes = run["attributes"]
+        for name in ("createdDate", "startedDate", "finishedDate"):
+            assert re.fullmatch(NAIVE, attributes[name]), (name, attributes[name])
+
+
+def _check_bad_relationship(one: Reply, many: Reply) -> None:
+    assert isinstance(one.body["data"]["relationships"], str)
+    first, second, third = many.body["data"]
+    assert isinstance(first["relationships"], str)
+    assert isinstance(second["relationships"]["workflow"], list)
+    assert isinstance(third["relationships"]["workflow"], int)
+
+
+def _check_missing_optional(one: Reply, many: Reply) -> None:
+    gone = {"number", "createdDate", "startedDate", "issueCounts", "sourceCommit", "startReason"}
+    for run in (one.body["data"], *many.body["data"]):
+        assert not gone & run["attributes"].keys()
+        assert run["attributes"]["executionProgress"] == "COMPLETE"
+
+
+def _check_not_object(one: Reply, many: Reply) -> None:
+    assert isinstance(one.body["data"], str)
+    assert many.body["data"] == 3
+
+
+def _check_bad_json(one: Reply, many: Reply) -> None:
+    for reply in (one, many):
+        assert reply.status == 200
+        assert reply.headers["Content-Type"].startswith("application/json")
+        assert isinstance(reply.body, str)
+        with pytest.raises(json.JSONDecodeError):
+            json.loads(reply.body)
+
+
+@pytest.mark.parametrize(
+    ("variant", "check"),
+    [
+        ("unknown_enum", _check_unknown_enum),
+        ("naive_date", _check_naive_date),
+        ("bad_relationship", _check_bad_relationship),
+        ("missing_optional", _check_missing_optional),
+        ("not_object", _check_not_object),
+        ("bad_json", _check_bad_json),
+    ],
+)
+async def test_malformed_answers(
+    api: Api,
+    sim: RunningSimulator,
+    fake_clock: FakeClock,
+    variant: str,
+    check: Callable[[Reply, Reply], None],
+) -> None:
+    ci = wf_id(sim, "CI")
+    run_ids = [(await api.start(ci)).body["data"]["id"] for _ in range(3)]
+    fake_clock.advance(60)  # complete, so every date is set
+    async with api.session.post(
+        f"{sim.url}/_sim/faults", json={"action": "malformed", "variant": variant, "times": 2}
+    ) as resp:
+        assert resp.status == 201
+    one = await api.get(f"/v1/ciBuildRuns/{run_ids[0]}")
+    many = await api.get(f"/v1/ciWorkflows/{ci}/buildRuns")
+    assert (one.status, many.status) == (200, 200)
+    check(one, many)
+    # The rule is used up; answers are Apple-shaped again.
+    again = await api.get(f"/v1/ciBuildRuns/{run_ids[0]}")
+    asc_schema.validate_response("GET", f"/v1/ciBuildRuns/{run_ids[0]}", 200, again.body)
+    faulted = sim.sim.traffic.entries[-3:-1]
+    assert [e.fault for e in faulted] == ["malformed", "malformed"]
+    assert {e.fault_rule.variant for e in faulted if e.fault_rule} == {variant}
+    if variant in ("unknown_enum", "bad_relationship", "not_object"):
+        # Off-schema on purpose: the sim fixture's schema check lets these through. (Apple's
+        # schema leaves attributes optional and dates unchecked: the others pass it.)
+        with pytest.raises(AssertionError):
+            asc_schema.validate_response("GET", f"/v1/ciWorkflows/{ci}/buildRuns", 200, many.body)
+
+
+async def test_malformed_waits_for_a_2xx_and_rewrites_a_create(
+    api: Api, sim: RunningSimulator
+) -> None:
+    sim.sim.faults.add(
+        Fault(action=FaultAction.MALFORMED, variant=MalformedVariant.NOT_OBJECT, times=1)
+    )
+    assert (await api.get("/v1/ciBuildRuns/nope")).status == 404  # not used up by an error
+    started = await api.start(wf_id(sim, "CI"))
+    assert started.status == 201
+    run = sim.sim.runs.all()[0]
+    assert started.body["data"] == run.id  # created as usual, then the answer was rewritten
+    assert started.headers["Location"].endswith(f"/v1/ciBuildRuns/{run.id}")
+    assert isinstance((await api.get(f"/v1/ciBuildRuns/{run.id}")).body["data"], dict)
+
+
+async def test_malformed_applies_to_other_resources_too(api: Api, sim: RunningSimulator) -> None:
+    sim.sim.faults.add(Fault.from_dict({"action": "malformed", "variant": "unknown_enum"}))
+    products = await api.get("/v1/ciProducts")
+    assert {p["attributes"]["productType"] for p in products.body["data"]} == {"APP_CLIP"}
+    sim.sim.faults.add(Fault(action=FaultAction.MALFORMED, variant=MalformedVariant.NAIVE_DATE))
+    workflow = await api.get(f"/v1/ciWorkflows/{wf_id(sim, 'CI')}")
+    assert re.fullmatch(NAIVE, workflow.body["data"]["attributes"]["lastModifiedDate"])
+
+
+# -- hang ---------------------------------------------------------------------------------------
+
+
+async def test_hang_waits_real_time_then_answers(api: Api, sim: RunningSimulator) -> None:
+    async with api.session.post(
+        f"{sim.url}/_sim/faults",
+        json={"action": "hang", "method": "GET", "path": "/v1/ciProducts", "delay": 0.3},
+    ) as resp:
+        assert resp.status == 201
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    reply = await api.get("/v1/ciProducts")
+    assert loop.time() - began >= 0.3
+    assert reply.status == 200
+    assert len(reply.body["data"]) == 2
+    entry = sim.sim.traffic.entries[-1]
+    assert (entry.status, entry.fault) == (200, "hang")
+    assert entry.fault_rule is not None
+    assert entry.fault_rule.delay == 0.3
+
+
+async def test_hang_then_drop(api: Api, sim: RunningSimulator) -> None:
+    # aiohttp replays an idempotent request once after a disconnect: hang and drop both.
+    sim.sim.faults.add(Fault(action=FaultAction.HANG, delay=0.15, then_drop=True, times=2))
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    with pytest.raises(aiohttp.ServerDisconnectedError):
+        await api.get("/v1/ciProducts")
+    assert loop.time() - began >= 0.3
+    assert [(e.status, e.fault) for e in sim.sim.traffic.entries] == [(None, "hang")] * 2
+    assert (await api.get("/v1/ciProducts")).status == 200
+
+
+async def test_hang_outlasts_a_client_timeout(api: Api, sim: RunningSimulator) -> None:
+    sim.sim.faults.add(Fault(action=FaultAction.HANG, method="GET"))  # 60 s by default
+    with pytest.raises(TimeoutError):
+        await api.get("/v1/ciProducts", timeout=aiohttp.ClientTimeout(total=0.3))
+    assert sim.sim.faults.active() == ()  # used up, though the request is still hanging
+    assert (await api.get("/v1/ciProducts")).status == 200
+
+
+async def test_hang_still_does_the_work_when_the_client_gave_up(
+    api: Api, sim: RunningSimulator
+) -> None:
+    sim.sim.faults.add(Fault(action=FaultAction.HANG, method="POST", delay=0.3))
+    workflow = {"data": {"type": "ciWorkflows", "id": wf_id(sim, "CI")}}
+    body = {"data": {"type": "ciBuildRuns", "relationships": {"workflow": workflow}}}
+    with pytest.raises(TimeoutError):
+        await api.call(
+            "POST", "/v1/ciBuildRuns", json=body, timeout=aiohttp.ClientTimeout(total=0.1)
+        )
+    assert len(sim.sim.runs) == 0
+    for _ in range(200):  # the hang ends 0.2 s later; this only bounds a failure
+        if sim.sim.runs.all():
+            break
+        await asyncio.sleep(0.01)
+    # Like a slow backend: the build the client timed out on starts anyway.
+    assert len(sim.sim.runs) == 1
+    entry = sim.sim.traffic.matching("POST", "/v1/ciBuildRuns")[0]
+    assert (entry.status, entry.fault) == (201, "hang")
+
+
+async def test_hang_after_create_creates_then_hangs_then_drops(
+    api: Api, sim: RunningSimulator
+) -> None:
+    async with api.session.post(
+        f"{sim.url}/_sim/faults",
+        json={
+            "action": "hang_after_create",
+            "method": "POST",
+            "path": "/v1/ciBuildRuns",
+            "delay": 0.5,
+        },
+    ) as resp:
+        assert resp.status == 201
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    post = asyncio.create_task(api.start(wf_id(sim, "CI")))
+    while not sim.sim.runs.all():
+        assert not post.done()
+        await asyncio.sleep(0.01)
+    # The run exists while the client is still waiting for its answer.
+    assert not post.done()
+    listed = await api.get(f"/v1/ciWorkflows/{wf_id(sim, 'CI')}/buildRuns")
+    assert [r["id"] for r in listed.body["data"]] == [sim.sim.runs.all()[0].id]
+    with pytest.raises(aiohttp.ServerDisconnectedError):
+        await post
+    assert loop.time() - began >= 0.5
+    post_entry = sim.sim.traffic.matching("POST", "/v1/ciBuildRuns")[0]
+    assert (post_entry.status, post_entry.fault) == (None, "hang_after_create")
+
+
+# -- oversize -----------------------------------------------------------------------------------
+
+
+async def test_oversize_answers_valid_json_of_the_given_size(
+    api: Api, sim: RunningSimulator, make_token: MakeToken
+) -> None:
+    sim.sim.faults.add(Fault(action=FaultAction.OVERSIZE, size=1000))
+    headers = {"Authorization": f"Bearer {make_token()}"}
+    async with api.session.get(f"{sim.url}/v1/ciProducts", headers=headers) as resp:
+        assert resp.status == 200
+        assert resp.content_type == "application/json"
+        assert resp.content_length == 1000
+        assert "X-Rate-Limit" in resp.headers
+        raw = await resp.read()
+    assert len(raw) == 1000
+    body = json.loads(raw)
+    assert body["data"] == []
+    assert set(body["meta"]["padding"]) == {"x"}
+    entry = sim.sim.traffic.entries[-1]
+    assert (entry.status, entry.fault, entry.response_json) == (200, "oversize", None)
+
+
+async def test_oversize_default_is_streamed_not_held_in_memory(
+    api: Api, sim: RunningSimulator, make_token: MakeToken
+) -> None:
+    async with api.session.post(f"{sim.url}/_sim/faults", json={"action": "oversize"}) as resp:
+        assert (await resp.json())["fault"]["size"] == 100_000_000
+    headers = {"Authorization": f"Bearer {make_token()}"}
+    received = 0
+    tracemalloc.start()
+    try:
+        async with api.session.get(f"{sim.url}/v1/ciBuildRuns/x", headers=headers) as resp:
+            assert resp.content_length == 100_000_000
+            async for chunk in resp.content.iter_chunked(1 << 16):
+                received += len(chunk)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert received == 100_000_000
+    # Server and client share this process; both together stay far below the body's size.
+    assert peak < 10_000_000
+
+
+async def test_oversize_client_may_hang_up_midway(
+    api: Api, sim: RunningSimulator, make_token: MakeToken
+) -> None:
+    sim.sim.faults.add(Fault(action=FaultAction.OVERSIZE, size=50_000_000))
+    headers = {"Authorization": f"Bearer {make_token()}"}
+    async with api.session.get(f"{sim.url}/v1/ciProducts", headers=headers) as resp:
+        first = await resp.content.read(1 << 16)
+        assert first.startswith(b'{"data":[],"meta":{"padding":"xxx')
+        resp.close()  # a client with a size limit gives up here
+    assert (await api.get("/v1/ciProducts")).status == 200
+
+
+# -- probability and seed -----------------------------------------------------------------------
+
+
+def _expected_statuses(seed: int, probability: float, times: int, requests: int) -> list[int]:
+    """What a rule with this probability does to consecutive requests, per the seeded draws."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(requests):
+        if times and rng.random() < probability:
+            times -= 1
+            out.append(503)
+        else:
+            out.append(200)
+    return out
+
+
+async def test_probability_is_seeded_and_reproducible(api: Api, sim: RunningSimulator) -> None:
+    rule = {"path": "/v1/ciProducts", "status": 503, "times": 3, "probability": 0.5}
+    runs = []
+    for _ in range(2):
+        async with api.session.post(f"{sim.url}/_sim/seed", json={"seed": 7}) as resp:
+            assert (await resp.json()) == {"seed": 7}
+        async with api.session.post(f"{sim.url}/_sim/faults", json=rule) as resp:
+            assert resp.status == 201
+        runs.append([(await api.get("/v1/ciProducts")).status for _ in range(16)])
+    assert runs[0] == runs[1] == _expected_statuses(7, 0.5, 3, 16)
+    # Requests the rule let through did not use up its times: exactly 3 were hit.
+    assert runs[0].count(503) == 3
+    assert 200 in runs[0][: runs[0].index(503) + 3]  # and some were let through in between
+    async with api.session.get(f"{sim.url}/_sim/info") as resp:
+        assert (await resp.json())["seed"] == 7
+
+
+async def test_probability_zero_passes_to_later_rules(api: Api, sim: RunningSimulator) -> None:
+    sim.sim.faults.add(Fault(status=503, times=None, probability=0.0))
+    sim.sim.faults.add(Fault(status=429, retry_after=1, times=1))
+    assert (await api.get("/v1/ciProducts")).status == 429
+    for _ in range(5):
+        assert (await api.get("/v1/ciProducts")).status == 200
+    assert [left for _, left in sim.sim.faults.active()] == [None]
+
+
+async def test_seed_comes_from_the_scenario_or_the_simulator(fake_clock: FakeClock) -> None:
+    data = {
+        "seed": 11,
+        "products": [
+            {
+                "name": "P",
+                "repository": {"owner": "o", "name": "r"},
+                "workflows": [{"name": "W"}],
+            }
+        ],
+    }
+    scenario = scenario_from_dict(data)
+    assert Simulator(scenario, fake_clock).seed == 11
+    assert Simulator(scenario, fake_clock, seed=3).seed == 3
+    async with running_simulator(clock=fake_clock, seed=5) as running:
+        assert running.sim.seed == 5
+        assert running.sim.random.random() == random.Random(5).random()
 
 
 def test_schema_check_catches_what_apple_would_not_send() -> None:

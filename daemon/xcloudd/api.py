@@ -3,19 +3,27 @@
 It signs every request, reads `X-Rate-Limit` from every response, keeps total traffic within
 the configured share of the key's hourly limit, retries what is safe to retry, and turns
 Apple's `errors[]` into typed exceptions that keep `code`, `detail` and `source.pointer`.
+
+Whatever the server or the network does, `get`, `paginate` and `post` raise only ApiError (and
+its subclasses), ApiUnavailable, OutcomeUnknown or BadResponse. During an outage a circuit
+breaker shared by all callers lets one probe out at a time instead of every caller's retries.
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
+import math
 import random
+from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from datetime import UTC
 from typing import Any
 
 import aiohttp
 import orjson
+from aiohttp.http_exceptions import HttpProcessingError
 from yarl import URL
 
 from xcloudd import __version__
@@ -28,6 +36,19 @@ JSON = dict[str, Any]
 USER_AGENT = f"xcloudd/{__version__}"
 TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 MAX_RETRY_AFTER_S = 300.0
+# Apple's largest CI answers (a 200-item page) are a few hundred KiB; anything this big is not
+# App Store Connect talking, and reading it whole once grew the daemon to 300 MB.
+MAX_BODY_BYTES = 8 * 1024 * 1024
+_READ_CHUNK = 64 * 1024
+# Failures in a row, across all requests, that mean App Store Connect (or the way to it) is down.
+BREAKER_THRESHOLD = 3
+BREAKER_BASE_S = 2.0
+BREAKER_MAX_S = 60.0
+_TIMER_SLACK_S = 0.001
+# Apple's error texts are short; a broken server's are not, and they end up in events and on
+# the user's terminal.
+_MAX_ERRORS = 20
+_MAX_ERROR_TEXT = 1000
 
 
 @dataclass(frozen=True)
@@ -47,24 +68,29 @@ class ErrorDetail:
         return f"{self.code}: {text}" + (f" (at {where})" if where else "")
 
 
+def _text(value: object) -> str:
+    return str(value)[:_MAX_ERROR_TEXT] if value else ""
+
+
 def parse_errors(status: int, body: object) -> tuple[ErrorDetail, ...]:
     """Read `errors[]` defensively: real responses omit `detail` and nest more errors."""
     if not isinstance(body, dict) or not isinstance(body.get("errors"), list):
         return ()
     out: list[ErrorDetail] = []
-    for raw in body["errors"]:
+    for raw in body["errors"][:_MAX_ERRORS]:
         if not isinstance(raw, dict):
             continue
-        source = raw.get("source") if isinstance(raw.get("source"), dict) else {}
-        assert isinstance(source, dict)
+        source = raw.get("source")
+        if not isinstance(source, dict):
+            source = {}
         out.append(
             ErrorDetail(
-                status=str(raw.get("status") or status),
-                code=str(raw.get("code") or ""),
-                title=str(raw.get("title") or ""),
-                detail=str(raw.get("detail") or ""),
-                pointer=str(source["pointer"]) if source.get("pointer") else None,
-                parameter=str(source["parameter"]) if source.get("parameter") else None,
+                status=_text(raw.get("status")) or str(status),
+                code=_text(raw.get("code")),
+                title=_text(raw.get("title")),
+                detail=_text(raw.get("detail")),
+                pointer=_text(source.get("pointer")) or None,
+                parameter=_text(source.get("parameter")) or None,
             )
         )
     return tuple(out)
@@ -153,6 +179,9 @@ class Budget:
     A token bucket refills at share*limit per hour, with at most a minute's worth saved up;
     when Apple reports that the key itself (other tools included) is near its limit, requests
     slow to one a minute until `user-hour-rem` recovers.
+
+    It also keeps the throttling streak, so that `api.throttled` goes out once when requests
+    start being held back (here, or by a 429) and again only after one went through unhindered.
     """
 
     def __init__(self, share: float, clock: Clock, emitter: Emitter, limit: int = 3600) -> None:
@@ -183,6 +212,22 @@ class Budget:
         self._remaining = rl.remaining
         self._tokens = min(self._tokens, self._capacity)
 
+    def throttled(self, delay: float) -> None:
+        """A request is held back for `delay` seconds, by this budget or by a 429."""
+        if self._throttling:
+            return
+        self._throttling = True
+        self._emitter.emit(
+            "api.throttled",
+            remaining=self._remaining,
+            limit=self._limit,
+            delay_s=round(delay, 3),
+        )
+
+    def unthrottled(self) -> None:
+        """A request went out and was answered without being held back: the streak is over."""
+        self._throttling = False
+
     def _refill(self) -> None:
         now = self._clock.monotonic()
         self._tokens = min(self._capacity, self._tokens + (now - self._stamp) * self._rate)
@@ -195,23 +240,16 @@ class Budget:
         self._refill()
         return 0.0 if self._tokens >= 1.0 else (1.0 - self._tokens) / self._rate
 
-    async def acquire(self) -> None:
+    async def acquire(self) -> float:
+        """Wait for this request's turn; returns how long it was held back."""
         async with self._lock:
             delay = self._delay()
             if delay > 0:
-                if not self._throttling:
-                    self._emitter.emit(
-                        "api.throttled",
-                        remaining=self._remaining,
-                        limit=self._limit,
-                        delay_s=round(delay, 3),
-                    )
-                self._throttling = True
+                self.throttled(delay)
                 await self._clock.sleep(delay)
                 self._refill()
-            else:
-                self._throttling = False
             self._tokens = max(0.0, self._tokens - 1.0)
+            return delay
 
 
 @dataclass(frozen=True)
@@ -226,7 +264,8 @@ class RetryPolicy:
 
 
 def retry_after(headers: Mapping[str, str], now: float) -> float | None:
-    value = headers.get("Retry-After")
+    """Seconds to wait from `Retry-After` (delta-seconds or an HTTP date), None if unusable."""
+    value = (headers.get("Retry-After") or "").strip()
     if not value:
         return None
     try:
@@ -234,10 +273,145 @@ def retry_after(headers: Mapping[str, str], now: float) -> float | None:
     except ValueError:
         try:
             when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
+            if when.tzinfo is None:
+                # RFC 9110 dates are GMT; "-0000" parses as naive, which would mean local time.
+                when = when.replace(tzinfo=UTC)
+            seconds = when.timestamp() - now
+        except (TypeError, ValueError, IndexError, OverflowError):
             return None
-        seconds = when.timestamp() - now
+    if math.isnan(seconds):
+        return None
     return min(MAX_RETRY_AFTER_S, max(0.0, seconds))
+
+
+class CircuitBreaker:
+    """One breaker for all callers of a client: during an outage, one request at a time.
+
+    After `threshold` failures in a row (transport trouble, an unreadable answer, 408 or 5xx)
+    across all requests, it opens: requests wait in line instead of going out, and at the probe
+    time the first in line goes out alone. Any answer from the server closes it and everyone
+    waiting goes at once; a failed probe reopens it for up to twice as long (full jitter, capped).
+    Waiting costs no tries, and the one timer runs on the injected clock.
+    """
+
+    def __init__(
+        self,
+        clock: Clock,
+        emitter: Emitter,
+        rng: random.Random,
+        *,
+        threshold: int = BREAKER_THRESHOLD,
+        base_delay: float = BREAKER_BASE_S,
+        max_delay: float = BREAKER_MAX_S,
+    ) -> None:
+        self._clock = clock
+        self._emitter = emitter
+        self._rng = rng
+        self._threshold = threshold
+        self._base = base_delay
+        self._max = max_delay
+        self._streak = 0
+        self._opened = 0  # openings in a row; 0 while closed
+        self._probe_at = 0.0
+        self._probe: int | None = None  # the probe in flight, if any
+        self._probes = 0
+        self._line: deque[asyncio.Event] = deque()
+
+    @property
+    def is_open(self) -> bool:
+        return self._opened > 0
+
+    async def admit(self) -> int | None:
+        """Wait until a request may go out; returns a probe ticket when it goes out as the probe."""
+        if not self.is_open:
+            return None
+        me = asyncio.Event()
+        self._line.append(me)
+        try:
+            while self.is_open:
+                me.clear()
+                if self._line[0] is me and self._probe is None:
+                    delay = self._probe_at - self._clock.monotonic()
+                    # A timer may fire a hair early (clock resolution, float rounding): that is
+                    # on time, not a reason to sleep again for a microsecond.
+                    if delay <= _TIMER_SLACK_S:
+                        self._probes += 1
+                        self._probe = self._probes
+                        return self._probe
+                    await self._sleep_or_wake(me, delay)
+                else:
+                    await me.wait()
+            return None
+        finally:
+            first = self._line[0] is me
+            self._line.remove(me)
+            if first and self._line and self.is_open:
+                self._line[0].set()
+
+    async def _sleep_or_wake(self, me: asyncio.Event, delay: float) -> None:
+        # Only the first in line sleeps; it must still wake at once when the breaker closes.
+        sleeper = asyncio.ensure_future(self._clock.sleep(delay))
+        waker = asyncio.ensure_future(me.wait())
+        try:
+            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+            waker.cancel()
+
+    def succeeded(self) -> None:
+        self._streak = 0
+        if self.is_open:
+            self._opened = 0
+            self._probe = None
+            for waiter in self._line:
+                waiter.set()
+
+    def failed(self, status: int | None, reason: str, path: str, probe: int | None) -> None:
+        self._streak += 1
+        if self.is_open:
+            if probe is None or probe != self._probe:
+                return  # sent before the breaker opened: the outage is already known
+            self._probe = None
+            self._opened += 1
+            delay = self._schedule_probe()
+            self._emitter.emit(
+                "api.retrying",
+                http_status=status,
+                attempt=self._streak,
+                delay_s=round(delay, 3),
+                path=path,
+                reason=reason,
+            )
+            self._wake_first()
+        elif self._streak >= self._threshold:
+            self._opened = 1
+            delay = self._schedule_probe()
+            self._emitter.emit(
+                "api.unavailable",
+                http_status=status,
+                attempt=self._streak,
+                delay_s=round(delay, 3),
+                path=path,
+                reason=reason,
+            )
+
+    def abandon(self, probe: int | None) -> None:
+        """A request ended without an answer either way (cancelled): if it was the probe, the
+        next in line probes instead."""
+        if probe is not None and probe == self._probe:
+            self._probe = None
+            self._wake_first()
+
+    def _schedule_probe(self) -> float:
+        # The exponent is capped so a day-long outage cannot overflow the float.
+        ceiling = min(self._max, self._base * 2.0 ** min(self._opened - 1, 32))
+        delay = self._rng.uniform(0, ceiling)
+        self._probe_at = self._clock.monotonic() + delay
+        return delay
+
+    def _wake_first(self) -> None:
+        if self._line:
+            self._line[0].set()
 
 
 @dataclass(frozen=True)
@@ -245,6 +419,26 @@ class _Answer:
     status: int
     body: object
     headers: Mapping[str, str]
+
+
+@dataclass
+class _Call:
+    """One get or post: what it sends, and how many requests it has sent so far."""
+
+    method: str
+    url: URL
+    body: object | None
+    sent: int = 0
+
+
+class _Trouble(Exception):
+    """An exchange without an answer. `delivered` is False only when nothing reached the server
+    (no connection), which is what makes retrying a POST safe."""
+
+    def __init__(self, reason: str, *, delivered: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.delivered = delivered
 
 
 class AscClient:
@@ -270,111 +464,197 @@ class AscClient:
         self._retry = retry or RetryPolicy()
         self._rng = rng or random.Random()
         self.budget = Budget(budget, clock, emitter)
+        self._breaker = CircuitBreaker(clock, emitter, self._rng)
+        self._last_success: float | None = None
         self.requests = 0
 
-    def _url(self, path_or_url: str, params: Mapping[str, str] | None) -> URL:
-        if path_or_url.startswith(("http://", "https://")):
-            # `links.next` is followed verbatim: its cursor must not be re-encoded.
-            url = URL(path_or_url, encoded=True)
-            if url.origin() != self._base.origin():
-                raise BadResponse(f"App Store Connect sent a link to another host: {url.host}")
-        else:
-            url = URL(str(self._base) + path_or_url)
-        return url.update_query(params) if params else url
+    @property
+    def last_success(self) -> float | None:
+        """Wall-clock time (the injected clock's) of the last 2xx answer; None before one."""
+        return self._last_success
 
-    async def _send(self, method: str, url: URL, body: object | None) -> _Answer:
-        await self.budget.acquire()
+    @property
+    def breaker_open(self) -> bool:
+        """True while an outage holds requests back (see CircuitBreaker)."""
+        return self._breaker.is_open
+
+    def _url(self, path_or_url: str, params: Mapping[str, str] | None) -> URL:
+        try:
+            if path_or_url.startswith(("http://", "https://")):
+                # `links.next` is followed verbatim: its cursor must not be re-encoded.
+                url = URL(path_or_url, encoded=True)
+                if url.origin() != self._base.origin():
+                    raise BadResponse(f"App Store Connect sent a link to another host: {url.host}")
+            else:
+                url = URL(str(self._base) + path_or_url)
+            return url.update_query(params) if params else url
+        except ValueError:
+            raise BadResponse(
+                f"App Store Connect sent a link that is not a usable URL: {path_or_url[:100]!r}"
+            ) from None
+
+    async def _exchange(self, call: _Call) -> _Answer:
+        """One HTTP request; whatever goes wrong becomes _Trouble or BadResponse."""
         headers = {
             "Authorization": f"Bearer {self._signer.token()}",
             "Accept": "application/json",
             "User-Agent": USER_AGENT,
         }
         data = None
-        if body is not None:
+        if call.body is not None:
             headers["Content-Type"] = "application/json"
-            data = orjson.dumps(body)
+            data = orjson.dumps(call.body)
         self.requests += 1
-        async with self._session.request(
-            method, url, headers=headers, data=data, timeout=self._timeout
-        ) as resp:
-            raw = await resp.read()
-            rl = RateLimit.parse(resp.headers.get("X-Rate-Limit"))
-            if rl is not None:
-                self.budget.observe(rl)
-            parsed: object = None
-            if raw:
-                try:
-                    parsed = orjson.loads(raw)
-                except orjson.JSONDecodeError:
-                    parsed = None
-                    if resp.status < 300:
-                        raise BadResponse(
-                            f"App Store Connect sent a body that is not JSON to {method} {url.path}"
-                        ) from None
-            return _Answer(resp.status, parsed, dict(resp.headers))
+        call.sent += 1
+        what = f"{call.method} {call.url.path}"
+        try:
+            async with self._session.request(
+                call.method, call.url, headers=headers, data=data, timeout=self._timeout
+            ) as resp:
+                rl = RateLimit.parse(resp.headers.get("X-Rate-Limit"))
+                if rl is not None:
+                    self.budget.observe(rl)
+                raw = await _read_capped(resp, what)
+                status, resp_headers = resp.status, resp.headers
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            raise _Trouble(_transport_reason(exc), delivered=False) from None
+        except (
+            aiohttp.ClientError,
+            HttpProcessingError,
+            TimeoutError,
+            OSError,
+            EOFError,
+            ValueError,  # UnicodeDecodeError and other undecodable headers or bodies
+        ) as exc:
+            raise _Trouble(_transport_reason(exc), delivered=True) from None
+        parsed: object = None
+        if raw:
+            try:
+                parsed = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                if status < 300:
+                    raise BadResponse(
+                        f"App Store Connect sent a body that is not JSON to {what}"
+                    ) from None
+        if status < 300 and not isinstance(parsed, dict):
+            raise BadResponse(f"App Store Connect sent no JSON object to {what}")
+        return _Answer(status, parsed, resp_headers)
 
-    def _error(self, method: str, path: str, answer: _Answer) -> ApiError:
-        errors = parse_errors(answer.status, answer.body)
-        if answer.status in (401, 403):
-            return AuthFailed(method, path, answer.status, errors)
-        if answer.status == 404:
-            return NotFound(method, path, answer.status, errors)
-        return ApiError(method, path, answer.status, errors)
+    async def _send(self, call: _Call) -> _Answer:
+        """One request through the circuit breaker and the budget."""
+        probe = await self._breaker.admit()
+        settled = False
+        try:
+            held = await self.budget.acquire()
+            try:
+                answer = await self._exchange(call)
+            except (_Trouble, BadResponse) as exc:
+                settled = True
+                reason = exc.reason if isinstance(exc, _Trouble) else str(exc)
+                self._breaker.failed(None, reason, call.url.path, probe)
+                raise
+            settled = True
+            if answer.status >= 500 or answer.status == 408:
+                self._breaker.failed(answer.status, f"HTTP {answer.status}", call.url.path, probe)
+            else:
+                self._breaker.succeeded()
+            if answer.status < 300:
+                self._last_success = self._clock.time()
+            if answer.status != 429 and not held:
+                self.budget.unthrottled()
+            return answer
+        finally:
+            if not settled:
+                self._breaker.abandon(probe)
 
-    async def _authorized(self, method: str, url: URL, body: object | None) -> _Answer:
+    async def _authorized(self, call: _Call) -> _Answer:
         """Send once; after a 401 sign a fresh token and send once more."""
-        answer = await self._send(method, url, body)
+        answer = await self._send(call)
         if answer.status == 401:
             self._signer.invalidate()
-            answer = await self._send(method, url, body)
-            if answer.status == 401:
-                self._emitter.emit("api.auth_failed", http_status=401, attempt=2, delay_s=0)
+            answer = await self._send(call)
         return answer
 
+    def _refusal(self, call: _Call, answer: _Answer) -> ApiError:
+        path = call.url.path
+        errors = parse_errors(answer.status, answer.body)
+        if answer.status in (401, 403):
+            # A poll, a list or a start: the key was refused, and the user hears it every time.
+            self._emitter.emit(
+                "api.auth_failed",
+                http_status=answer.status,
+                attempt=call.sent,
+                delay_s=0.0,
+                path=path,
+            )
+            return AuthFailed(call.method, path, answer.status, errors)
+        if answer.status == 404:
+            return NotFound(call.method, path, answer.status, errors)
+        return ApiError(call.method, path, answer.status, errors)
+
+    def _gave_up(self, status: int | None, attempt: int, path: str, reason: str) -> None:
+        # During an outage the breaker has said so once; a caller giving up adds nothing.
+        if not self._breaker.is_open:
+            self._emitter.emit(
+                "api.unavailable",
+                http_status=status,
+                attempt=attempt,
+                delay_s=0.0,
+                path=path,
+                reason=reason,
+            )
+
     async def get(self, path_or_url: str, params: Mapping[str, str] | None = None) -> JSON:
-        """GET with retries for transient trouble; raises ApiUnavailable after the last try."""
-        url = self._url(path_or_url, params)
+        """GET with retries for transient trouble.
+
+        When the tries run out it raises ApiUnavailable (transport trouble, 5xx, 429), or
+        BadResponse when the last answer could not be read. Waiting for the circuit breaker
+        uses up no tries.
+        """
+        call = _Call("GET", self._url(path_or_url, params), None)
+        path = call.url.path
         attempt = 0
         while True:
             attempt += 1
             status: int | None = None
-            wait: float | None = None
+            given: float | None = None
+            unreadable: BadResponse | None = None
             try:
-                answer = await self._authorized("GET", url, None)
-            except (aiohttp.ClientError, TimeoutError, BadResponse) as exc:
-                reason = _transport_reason(exc)
+                answer = await self._authorized(call)
+            except _Trouble as exc:
+                reason = exc.reason
+            except BadResponse as exc:
+                unreadable, reason = exc, str(exc)
             else:
                 if answer.status < 300:
-                    if not isinstance(answer.body, dict):
-                        raise BadResponse(f"App Store Connect sent an empty body to GET {url.path}")
-                    return answer.body
+                    return _object(answer, call)
                 if answer.status not in TRANSIENT_STATUSES:
-                    raise self._error("GET", url.path, answer)
+                    raise self._refusal(call, answer)
                 status = answer.status
                 reason = f"HTTP {status}"
-                wait = retry_after(answer.headers, self._clock.time())
-                if status == 429:
-                    self._emitter.emit(
-                        "api.throttled",
-                        remaining=self.budget.rate_limit.remaining,
-                        limit=self.budget.rate_limit.limit,
-                        delay_s=round(wait if wait is not None else 0.0, 3),
-                    )
-            if attempt >= self._retry.attempts:
-                self._emitter.emit(
-                    "api.unavailable", http_status=status, attempt=attempt, delay_s=0, path=url.path
-                )
+                given = retry_after(answer.headers, self._clock.time())
+            last = attempt >= self._retry.attempts
+            delay: float | None = given
+            if delay is None and not (self._breaker.is_open and status != 429):
+                delay = 0.0 if last else self._retry.backoff(attempt, self._rng)
+            if status == 429:
+                self.budget.throttled(delay or 0.0)
+            if last:
+                self._gave_up(status, attempt, path, reason)
+                if unreadable is not None:
+                    raise unreadable
                 raise ApiUnavailable(
-                    f"App Store Connect is unavailable: GET {url.path} failed {attempt} times"
+                    f"App Store Connect is unavailable: GET {path} failed {attempt} times"
                     f" (last: {reason})"
                 )
-            delay = wait if wait is not None else self._retry.backoff(attempt, self._rng)
+            if delay is None:
+                continue  # the open breaker times the next try, and has reported the outage
             self._emitter.emit(
                 "api.retrying",
                 http_status=status,
                 attempt=attempt,
                 delay_s=round(delay, 3),
-                path=url.path,
+                path=path,
                 reason=reason,
             )
             await self._clock.sleep(delay)
@@ -384,6 +664,7 @@ class AscClient:
     ) -> AsyncIterator[JSON]:
         """Every resource of a list, following `links.next` exactly as given."""
         page = await self.get(path, params)
+        followed: set[str] = set()
         while True:
             data = page.get("data")
             if not isinstance(data, list):
@@ -395,67 +676,109 @@ class AscClient:
             nxt = links.get("next") if isinstance(links, dict) else None
             if not isinstance(nxt, str) or not nxt:
                 return
+            if nxt in followed:
+                # A cursor that leads back to an earlier page would page forever.
+                raise BadResponse(f"App Store Connect sent next links that loop for {path}")
+            followed.add(nxt)
             page = await self.get(nxt)
 
     async def post(self, path: str, body: JSON) -> JSON:
-        """A request that creates something: retried only when Apple says it did nothing (429).
+        """A request that creates something: retried only when Apple says it did nothing (429)
+        or when it never reached Apple.
 
-        A timeout, a reset or a 5xx raises OutcomeUnknown: the caller must find out what
-        happened before it may try again.
+        A timeout, a reset, an unreadable answer or a 5xx raises OutcomeUnknown: the caller must
+        find out what happened before it may try again.
         """
-        url = self._url(path, None)
+        call = _Call("POST", self._url(path, None), body)
         attempt = 0
         while True:
             attempt += 1
             try:
-                answer = await self._authorized("POST", url, body)
-            except aiohttp.ClientConnectorError as exc:
+                answer = await self._authorized(call)
+            except _Trouble as exc:
+                if exc.delivered:
+                    raise OutcomeUnknown(exc.reason) from None
                 # Nothing reached the server, so trying again cannot create a second run.
                 if attempt >= self._retry.attempts:
+                    self._gave_up(None, attempt, call.url.path, exc.reason)
                     raise ApiUnavailable(
-                        f"App Store Connect is unavailable: {_transport_reason(exc)}"
+                        f"App Store Connect is unavailable: {exc.reason}"
                     ) from None
+                if self._breaker.is_open:
+                    continue
                 delay = self._retry.backoff(attempt, self._rng)
                 self._emitter.emit(
                     "api.retrying",
                     http_status=None,
                     attempt=attempt,
                     delay_s=round(delay, 3),
-                    path=url.path,
-                    reason=_transport_reason(exc),
+                    path=call.url.path,
+                    reason=exc.reason,
                 )
                 await self._clock.sleep(delay)
                 continue
-            except (aiohttp.ClientError, TimeoutError, BadResponse) as exc:
-                raise OutcomeUnknown(_transport_reason(exc)) from None
+            except BadResponse as exc:
+                # The unreadable answer may have been the new run's.
+                raise OutcomeUnknown(str(exc)) from None
             if answer.status < 300:
-                if not isinstance(answer.body, dict):
-                    raise OutcomeUnknown("the answer had no readable body", answer.status)
-                return answer.body
+                try:
+                    return _object(answer, call)
+                except BadResponse as exc:
+                    raise OutcomeUnknown(str(exc), answer.status) from None
             if answer.status >= 500:
                 raise OutcomeUnknown(f"HTTP {answer.status}", answer.status)
-            if answer.status == 429 and attempt < self._retry.attempts:
+            if answer.status == 429:
                 given = retry_after(answer.headers, self._clock.time())
-                delay = given if given is not None else self._retry.backoff(attempt, self._rng)
-                self._emitter.emit(
-                    "api.throttled",
-                    remaining=self.budget.rate_limit.remaining,
-                    limit=self.budget.rate_limit.limit,
-                    delay_s=round(delay, 3),
-                )
-                await self._clock.sleep(delay)
-                continue
-            raise self._error("POST", path, answer)
+                if attempt < self._retry.attempts:
+                    delay = given if given is not None else self._retry.backoff(attempt, self._rng)
+                    self.budget.throttled(delay)
+                    await self._clock.sleep(delay)
+                    continue
+                self.budget.throttled(given or 0.0)
+            raise self._refusal(call, answer)
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, what: str) -> bytearray:
+    """The body, or BadResponse as soon as it is larger than MAX_BODY_BYTES."""
+    declared = resp.content_length
+    if declared is not None and declared > MAX_BODY_BYTES:
+        resp.close()
+        raise _too_big(what)
+    body = bytearray()
+    async for chunk in resp.content.iter_chunked(_READ_CHUNK):
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            # Closing drops the connection, so the rest of the body is never read.
+            resp.close()
+            raise _too_big(what)
+    return body
+
+
+def _too_big(what: str) -> BadResponse:
+    return BadResponse(
+        f"App Store Connect sent a body larger than {MAX_BODY_BYTES // (1024 * 1024)} MiB"
+        f" to {what}; it was not read"
+    )
+
+
+def _object(answer: _Answer, call: _Call) -> JSON:
+    if not isinstance(answer.body, dict):
+        raise BadResponse(f"App Store Connect sent no JSON object to {call.method} {call.url.path}")
+    return answer.body
 
 
 def _transport_reason(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+    if isinstance(exc, TimeoutError):
         return "timed out"
     # ClientConnectorError is a ClientOSError: test it first.
     if isinstance(exc, aiohttp.ClientConnectorError):
         return f"cannot connect: {exc.os_error.strerror or exc.os_error}"
-    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
+    if isinstance(exc, aiohttp.ServerDisconnectedError | ConnectionError | EOFError | OSError):
         return "connection reset"
-    if isinstance(exc, BadResponse):
-        return str(exc)
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "the answer was cut off or garbled"
+    if isinstance(exc, aiohttp.ClientResponseError | HttpProcessingError):
+        return "the answer was not valid HTTP"
+    if isinstance(exc, ValueError):
+        return "the answer could not be decoded"
     return type(exc).__name__

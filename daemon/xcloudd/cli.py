@@ -18,7 +18,7 @@ from typing import NoReturn, TextIO
 
 from xcloudd import __version__
 from xcloudd.config import Config, load_config, resolve_config_path
-from xcloudd.errors import ExitCode, UsageError, XcloudError
+from xcloudd.errors import ExitCode, UsageError, XcloudError, redact_key_material
 from xcloudd.runtime import (
     Runtime,
     build_sinks,
@@ -26,6 +26,9 @@ from xcloudd.runtime import (
     refuse_unsupported,
     wants_console,
 )
+
+_MAX_COUNT = 1000
+_FROM_YEARS = (1970, 9000)  # [first, last + 1]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -99,8 +102,16 @@ async def _with_runtime(
     console: bool | None,
     console_stream: TextIO | None = None,
 ) -> ExitCode:
-    sinks = build_sinks(config.sinks, console=console, console_stream=console_stream)
-    async with open_runtime(config, sinks=sinks) as rt:
+    # On the daemon's store, a command records what it does there (so the daemon and `status`
+    # know it) and shows only its own events; the daemon delivers them to the configured sinks.
+    # Without one, an in-memory store serves the command and it delivers to them itself.
+    shared = config.state.path.exists()
+    sinks = build_sinks(
+        () if shared else config.sinks, console=console, console_stream=console_stream
+    )
+    async with open_runtime(
+        config, sinks=sinks, store_path=config.state.path if shared else None, durable=not shared
+    ) as rt:
         return await body(rt)
 
 
@@ -123,6 +134,8 @@ def _start_target(args: argparse.Namespace, config: Config | None) -> object:
             raise UsageError(
                 "a JOB brings its own source: drop --branch/--tag/--pull-request/--rebuild"
             )
+        if args.product:
+            raise UsageError("a JOB brings its own workflow and product: drop --product")
         return base
     if not args.workflow:
         raise UsageError("name a JOB from the config, or give --workflow")
@@ -135,6 +148,24 @@ def _start_target(args: argparse.Namespace, config: Config | None) -> object:
         rebuild=args.rebuild,
         clean=args.clean,
     )
+
+
+def _from_time(text: str) -> datetime:
+    from xcloudd import commands
+
+    after = commands.parse_time(text)
+    # Fire times are shown in each job's time zone, which near year 1 or 9999 is outside
+    # Python's calendar; and no schedule has a use for times before the Unix epoch.
+    try:
+        year = after.astimezone(UTC).year
+    except OverflowError:  # 9999-12-31T23:00-01:00 or 0001-01-01T00:00+01:00
+        year = after.year
+    if not _FROM_YEARS[0] <= year < _FROM_YEARS[1]:
+        raise UsageError(
+            f"--from {text!r} is out of range; give a time from {_FROM_YEARS[0]} "
+            f"to {_FROM_YEARS[1] - 1}"
+        )
+    return after
 
 
 def _dispatch(args: argparse.Namespace) -> ExitCode:
@@ -152,10 +183,12 @@ def _dispatch(args: argparse.Namespace) -> ExitCode:
 
             return asyncio.run(run_demo())
         case "check":
-            if args.count < 1:
-                raise UsageError("--count must be at least 1")
+            # Each fire time costs a calendar search; a typo like 50000000 would hang.
+            if not 1 <= args.count <= _MAX_COUNT:
+                raise UsageError(f"--count must be from 1 to {_MAX_COUNT}, got {args.count}")
+            # Argument mistakes are usage errors (64) even when the config is broken too.
+            after = _from_time(args.from_) if args.from_ else datetime.now(UTC)
             config = _config(args)
-            after = commands.parse_time(args.from_) if args.from_ else datetime.now(UTC)
             code = commands.check_offline(
                 config, sys.stdout, after=after, count=args.count, as_json=args.json
             )
@@ -218,14 +251,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(argv)
         return int(_dispatch(args))
     except XcloudError as exc:
-        print(f"xcloudd: {exc}", file=sys.stderr)
+        _error(str(exc))
         return int(exc.exit_code)
     except KeyboardInterrupt:
-        print("xcloudd: interrupted", file=sys.stderr)
+        _error("interrupted")
         return 130
     except Exception as exc:  # a bug: still one line, never a traceback with locals
-        print(f"xcloudd: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        _error(f"internal error: {type(exc).__name__}: {exc}")
         return int(ExitCode.FAILED)
+
+
+def _error(message: str) -> None:
+    # Messages are meant never to quote a key; this catches one that does anyway, e.g. through
+    # an exception's text that quotes its input. One line, whatever the message held.
+    line = " ".join(redact_key_material(message).split())
+    print(f"xcloudd: {line}", file=sys.stderr)
 
 
 if __name__ == "__main__":

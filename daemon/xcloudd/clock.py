@@ -22,6 +22,21 @@ class Clock(Protocol):
 
     async def sleep(self, seconds: float) -> None: ...
 
+    async def sleep_until(self, wall: float) -> None:
+        """Until the wall clock reads `wall`, however the machine spends the time meanwhile."""
+        ...
+
+
+async def wait_first(seconds: float, *events: asyncio.Event) -> None:
+    """Until one of `events` is set, or `seconds` of real time: a poll for what another
+    process may have done, which no virtual clock can tell."""
+    waiters = [asyncio.create_task(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
 
 def utcnow(clock: Clock) -> datetime:
     return datetime.fromtimestamp(clock.time(), tz=UTC)
@@ -36,6 +51,15 @@ class SystemClock:
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(max(0.0, seconds))
+
+    async def sleep_until(self, wall: float) -> None:
+        # asyncio sleeps on the monotonic clock, which stops while the host is suspended and
+        # knows nothing of NTP steps: look at the wall clock at least once a minute.
+        while (left := wall - time.time()) > 0:
+            await asyncio.sleep(min(left, WALL_CHECK_S))
+
+
+WALL_CHECK_S = 60.0
 
 
 class FakeClock:
@@ -64,3 +88,6 @@ class FakeClock:
         self.advance(seconds)
         # Yield so that other tasks (and a server in the same loop) get to run.
         await asyncio.sleep(0)
+
+    async def sleep_until(self, wall: float) -> None:
+        await self.sleep(wall - self.time())

@@ -8,45 +8,115 @@ from typing import Any, TextIO
 
 import orjson
 
-from xcloudd.api import ApiError
+from xcloudd.api import ApiError, ApiUnavailable, BadResponse, NotFound
 from xcloudd.config import Config, JobConfig
-from xcloudd.errors import ConfigError, ExitCode, UsageError
-from xcloudd.events import BuildRef
+from xcloudd.errors import ConfigError, ExitCode, UsageError, XcloudError
+from xcloudd.follower import Follower
 from xcloudd.resolve import ResolveError
 from xcloudd.resources import RUN_FIELDS, BuildRun
 from xcloudd.runtime import Runtime
 from xcloudd.starter import Starter, Target, resolve_target
-from xcloudd.watcher import Outcome, Watcher
+from xcloudd.store import NewRun, RunRecord
+
+# How long `xcloudd start` keeps settling a start whose outcome is unknown before it gives up
+# (exit 69); the intent stays in the store, and a daemon on the same store settles it.
+START_SETTLE_S = 60.0
 
 
-async def follow(rt: Runtime, ref: BuildRef, known: BuildRun | None) -> Outcome:
-    watcher = Watcher(rt.client, rt.emitter, rt.clock, rt.config.polling)
-    loop_task = asyncio.create_task(watcher.run())
+async def follow(rt: Runtime, run_id: str) -> ExitCode:
+    """Follow one run in the store until its watch ends; the exit code of how it ended."""
+    follower = Follower(
+        rt.store,
+        rt.client,
+        rt.events,
+        rt.clock,
+        rt.config.polling,
+        report=rt.supervisor.report,
+        only={run_id},
+    )
+    task = asyncio.create_task(follower.run())
     try:
-        return await watcher.follow(ref, known=known, created_emitted=known is not None)
+        while True:
+            token = rt.store.changed()
+            rec = await rt.store.call(rt.store.sync.run, run_id)
+            if rec is None or rec.finished:
+                return outcome_code(rec)
+            waiter = asyncio.create_task(token.wait())
+            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            if task.done():
+                task.result()
+                return outcome_code(rec)
     finally:
-        loop_task.cancel()
-        await asyncio.gather(loop_task, return_exceptions=True)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def outcome_code(rec: RunRecord | None) -> ExitCode:
+    if rec is None or not rec.finished or rec.end_reason != "completed":
+        return ExitCode.GAVE_UP
+    status = rec.completion_status
+    if status == "SUCCEEDED":
+        return ExitCode.OK
+    if status in ("CANCELED", "SKIPPED"):
+        return ExitCode.CANCELED
+    return ExitCode.FAILED
 
 
 async def start(rt: Runtime, target: Target, *, wait: bool) -> ExitCode:
+    """Record the intent, send it (settling an unknown outcome), and optionally follow."""
     req = await resolve_target(rt.resolver, target)
-    started = await Starter(rt.client, rt.emitter, rt.clock).start(req)
+    db = rt.store.sync
+    intent_id = await rt.store.call(db.new_manual_intent, req, owner=rt.owner, job=target.job)
+    starter = Starter(rt.store, rt.client, rt.resolver, rt.clock, owner=rt.owner)
+    deadline = rt.clock.time() + START_SETTLE_S
+    while True:
+        intent = await rt.store.call(db.intent, intent_id)
+        assert intent is not None
+        if intent.state == "done" and intent.run_id is not None:
+            break
+        if intent.state in ("failed", "missed"):
+            refused = starter.errors.get(intent_id)
+            raise refused or XcloudError("App Store Connect refused the start")
+        if rt.clock.time() > deadline:
+            raise ApiUnavailable(
+                "could not find out whether the build started: App Store Connect did not"
+                " answer clearly in time; `xcloudd status` shows it once a daemon settles it"
+            )
+        if intent.next_try > rt.clock.time():
+            await rt.clock.sleep(intent.next_try - rt.clock.time())
+            continue
+        await starter.step(intent, None)
     if not wait:
         return ExitCode.OK
-    outcome = await follow(rt, started.ref, started.run)
-    return outcome.exit_code
+    return await follow(rt, intent.run_id)
 
 
 async def watch(rt: Runtime, run_id: str) -> ExitCode:
-    doc = await rt.client.get(f"/v1/ciBuildRuns/{run_id}", {"fields[ciBuildRuns]": RUN_FIELDS})
+    try:
+        doc = await rt.client.get(f"/v1/ciBuildRuns/{run_id}", {"fields[ciBuildRuns]": RUN_FIELDS})
+    except NotFound:
+        raise UsageError(f"no build run {run_id!r} is visible to this key") from None
     data = doc.get("data")
     run = BuildRun.parse(data) if isinstance(data, dict) else None
     if run is None:
-        raise ResolveError(f"App Store Connect sent no build run for {run_id}")
-    ref = BuildRef(run.id, run.number, run.workflow_id or "", None, "watch")
-    outcome = await follow(rt, ref, None)
-    return outcome.exit_code
+        raise BadResponse(f"App Store Connect sent no build run for {run_id}")
+    await rt.store.call(
+        rt.store.sync.record_run,
+        NewRun(
+            run_id=run.id,
+            number=run.number,
+            workflow_id=run.workflow_id or "",
+            job=None,
+            origin="watch",
+            created_at=run.created,
+            start_reason=run.start_reason,
+            progress=None,
+        ),
+        intent_id=None,
+        reconciled=False,
+    )
+    return await follow(rt, run.id)
 
 
 async def workflows(rt: Runtime, out: TextIO, *, as_json: bool) -> ExitCode:
@@ -170,9 +240,11 @@ def parse_time(text: str) -> datetime:
 
 def status(config: Config, out: TextIO, *, as_json: bool) -> ExitCode:
     """Runs in flight and recent runs, read from the store (safe while the daemon runs)."""
-    from xcloudd.store import RunRecord, Store
+    from xcloudd.clock import SystemClock
+    from xcloudd.events import EventFactory
+    from xcloudd.store import Store
 
-    store = Store.open(config.state.path, readonly=True)
+    store = Store.open(config.state.path, EventFactory(SystemClock()), readonly=True)
     try:
         flying, recent = store.runs_in_flight(), store.recent_runs(20)
     finally:

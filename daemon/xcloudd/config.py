@@ -16,7 +16,7 @@ import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, time
+from datetime import UTC, date, datetime, time
 from pathlib import Path
 from typing import Literal, TypeVar, cast
 from urllib.parse import urlsplit
@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1, EllipticCurv
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from xcloudd.durations import format_duration, parse_duration
-from xcloudd.errors import ConfigError
+from xcloudd.errors import ConfigError, looks_like_key_material
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -57,7 +57,7 @@ DEFAULT_BASE_URL = "https://api.appstoreconnect.apple.com"
 KNOWN_KEYS: Mapping[str, tuple[str, ...]] = {
     "": ("api", "state", "polling", "server", "sinks", "jobs", "watches"),
     "api": ("issuer_id", "key_id", "private_key", "base_url", "timeout"),
-    "state": ("path",),
+    "state": ("path", "outbox_max_events", "outbox_max_age"),
     "polling": ("interval", "min_interval", "max_interval", "give_up_after", "budget"),
     "server": ("listen", "webhook_token"),
     "sinks": ("type", "events", "path", "url", "format"),
@@ -103,6 +103,20 @@ _WEBHOOK_TOKEN = re.compile(r"[A-Za-z0-9._~-]+")
 _WEBHOOK_TOKEN_MIN = 16
 # A .p8 key is about 250 bytes; anything far larger is the wrong file.
 _KEY_FILE_MAX = 64 * 1024
+# No setting needs more, and the cap keeps every duration within datetime arithmetic (a jitter
+# of 10^15 seconds would overflow when the schedule adds it to a date).
+_MAX_DURATION = 36500 * 86400.0
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+# A host name (also an IPv4 address): letters, digits, '-' and '_' (Docker service names).
+_HOSTNAME = re.compile(
+    r"(?=.{1,253}\.?$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+    r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?"
+)
+_AT_MAX_YEAR = 9000
+_OUTBOX_MIN_EVENTS = 1000
+# SQLite integers are 64-bit; far below that, a billion events is already a huge outbox.
+_OUTBOX_MAX_EVENTS = 1_000_000_000
+_OUTBOX_MIN_AGE = 3600.0
 
 
 def is_workflow_id(text: str) -> bool:
@@ -130,6 +144,9 @@ class ApiConfig:
 @dataclass(frozen=True)
 class StateConfig:
     path: Path
+    # Bounds on events waiting in the outbox for a sink that is down; older ones are dropped.
+    outbox_max_events: int = 100_000
+    outbox_max_age: float = 7 * 86400.0  # seconds
 
 
 @dataclass(frozen=True)
@@ -316,6 +333,15 @@ def _read_toml(path: Path) -> dict[str, object]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError.at(file, *_toml_error(text, str(err))) from None
+    except ValueError:
+        # tomllib lets int() refuse a number of more than 4300 digits (CPython's limit).
+        raise ConfigError.at(
+            file, "", "invalid TOML: a number is too long (over 4300 digits); shorten it"
+        ) from None
+    except RecursionError:
+        raise ConfigError.at(
+            file, "", "invalid TOML: arrays or inline tables nested too deeply; flatten them"
+        ) from None
 
 
 def _toml_error(text: str, message: str) -> tuple[str, str]:
@@ -368,11 +394,28 @@ def _show(value: object, *, secret: bool = False) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        shown = value if len(value) <= 60 else value[:57] + "..."
-        return '"' + shown.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+        if looks_like_key_material(value):
+            return "a string that looks like key material (not shown)"
+        return _quote(value if len(value) <= 60 else value[:57] + "...")
+    if isinstance(value, int) and value.bit_length() > 64:
+        # str() refuses ints past 4300 digits, and nobody needs to see one.
+        return "an integer too large for any setting"
     if isinstance(value, datetime | date | time):
         return value.isoformat()
     return str(value)
+
+
+def _quote(text: str) -> str:
+    """`text` in double quotes, TOML-escaped, so control characters cannot garble the line."""
+    return '"' + "".join(_escape(c) for c in text) + '"'
+
+
+def _escape(char: str) -> str:
+    if char in '"\\':
+        return "\\" + char
+    if char.isprintable():
+        return char
+    return f"\\u{ord(char):04x}" if ord(char) <= 0xFFFF else f"\\U{ord(char):08x}"
 
 
 class _Table:
@@ -391,7 +434,9 @@ class _Table:
                 raise self.error(name, f"unknown key {name!r} (known: {', '.join(known)}){hint}")
 
     def key(self, name: str) -> str:
-        return f"{self.where}.{name}" if self.where else name
+        # As the user would write it in TOML: a dotted path, with odd names quoted.
+        shown = name if _BARE_KEY.fullmatch(name) else _quote(name)
+        return f"{self.where}.{shown}" if self.where else shown
 
     def error(self, name: str, reason: str) -> ConfigError:
         return self.ctx.error(self.key(name), reason)
@@ -424,13 +469,25 @@ class _Table:
 
     def number(self, name: str, default: float) -> float:
         value = self.data.get(name, default)
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-        ):
+        if isinstance(value, bool) or not isinstance(value, int | float):
             raise self.wrong_type(name, "a number")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise self.wrong_type(name, "a finite number")
+        return number
+
+    def integer(self, name: str, default: int, *, minimum: int, maximum: int) -> int:
+        value = self.data.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.wrong_type(name, f"a whole number like {default}")
+        if not minimum <= value <= maximum:
+            raise self.error(
+                name, f"must be from {minimum} to {maximum}, got {_show(value)}; default {default}"
+            )
+        return value
 
     def duration(self, name: str, default: float, *, positive: bool = False) -> float:
         if name not in self.data:
@@ -439,8 +496,15 @@ class _Table:
             seconds = parse_duration(self.data[name])
         except ValueError as err:
             raise self.error(name, str(err)) from None
+        except OverflowError:
+            # parse_duration turns the number into a float, which a huge integer cannot be.
+            seconds = math.inf
         if positive and seconds <= 0:
             raise self.error(name, 'must be more than 0, e.g. "30s"')
+        if not seconds <= _MAX_DURATION:
+            raise self.error(
+                name, f'must be at most 100 years ("36500d"), got {_show(self.data[name])}'
+            )
         return seconds
 
     def choice(self, name: str, options: Sequence[_T], default: _T) -> _T:
@@ -497,9 +561,11 @@ def _parse_api(t: _Table) -> ApiConfig:
             "copy the Issuer ID from App Store Connect, or remove it for an individual key",
         )
     base_url = t.string("base_url") or DEFAULT_BASE_URL
-    reason = _url_problem(base_url)
+    reason = _base_url_problem(base_url)
     if reason:
-        raise t.error("base_url", f"{reason}, got {_show(base_url)}")
+        # A password, or a token in the query, must not be echoed back.
+        shown = "" if "@" in base_url or "?" in base_url else f", got {_show(base_url)}"
+        raise t.error("base_url", f"{reason}{shown}")
     return ApiConfig(
         key=_load_signing_key(t, key_id, issuer_id),
         base_url=base_url.rstrip("/"),
@@ -518,9 +584,65 @@ def _url_problem(url: str) -> str | None:
     return None
 
 
+def _base_url_problem(url: str) -> str | None:
+    """Why `url` cannot be the API's address, in words that do not quote it."""
+    like = '; use just scheme://host[:port], e.g. "https://api.appstoreconnect.apple.com"'
+    if any(c.isspace() or not c.isprintable() for c in url):
+        return f"must not contain spaces or control characters{like}"
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # brackets that hold no IPv6 address
+        return f'not a valid URL (an IPv6 address goes in brackets, e.g. "http://[::1]:8080"){like}'
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return f"expected an http:// or https:// URL{like}"
+    if "@" in parts.netloc:
+        return (
+            "must not contain a user name or password (App Store Connect authenticates "
+            "with the API key); remove the part up to '@'"
+        )
+    try:
+        port = parts.port
+    except ValueError:
+        if parts.netloc.count(":") > 1 and "[" not in parts.netloc:
+            return f'write an IPv6 address in brackets, e.g. "http://[::1]:8080"{like}'
+        return f"the port must be a number from 1 to 65535{like}"
+    if port == 0:
+        return f"the port must be a number from 1 to 65535{like}"
+    host = parts.hostname or ""
+    if not host:
+        return f"the host is missing{like}"
+    if ":" not in host and not _HOSTNAME.fullmatch(host):
+        hint = "" if host.isascii() else " (write an international name in its xn-- form)"
+        return f"the host is not a valid host name{hint}{like}"
+    if parts.path.strip("/"):
+        # Requests go to base_url + "/v1/...", and the API's own links name the host only.
+        return f"must not have a path (xcloudd adds /v1/... itself){like}"
+    if parts.query or parts.fragment or url.rstrip("/").endswith(("?", "#")):
+        return f"must not have a query (?...) or fragment (#...){like}"
+    return None
+
+
 def _parse_state(t: _Table) -> StateConfig:
     text = t.string("path")
-    return StateConfig(path=default_state_path(t.ctx.env) if text is None else t.ctx.path(text))
+    defaults = StateConfig(path=Path())
+    max_events = t.integer(
+        "outbox_max_events",
+        defaults.outbox_max_events,
+        minimum=_OUTBOX_MIN_EVENTS,
+        maximum=_OUTBOX_MAX_EVENTS,
+    )
+    max_age = t.duration("outbox_max_age", defaults.outbox_max_age)
+    if max_age < _OUTBOX_MIN_AGE:
+        raise t.error(
+            "outbox_max_age",
+            f"{format_duration(max_age)} is too short: a sink may well be down for an hour; "
+            f'use at least "1h" (default "{format_duration(defaults.outbox_max_age)}")',
+        )
+    return StateConfig(
+        path=default_state_path(t.ctx.env) if text is None else t.ctx.path(text),
+        outbox_max_events=max_events,
+        outbox_max_age=max_age,
+    )
 
 
 def _parse_polling(t: _Table) -> PollingConfig:
@@ -581,11 +703,14 @@ def _parse_server(t: _Table) -> ServerConfig:
 def _parse_listen(t: _Table, listen: str) -> tuple[str, int]:
     expected = f'expected "HOST:PORT" like "127.0.0.1:9464" or "[::1]:9464", got {_show(listen)}'
     host, sep, port_text = listen.rpartition(":")
-    if not sep or not port_text.isdigit():
+    # isdigit() alone also accepts "²" and other digits that int() refuses or reads oddly.
+    if not sep or not (port_text.isascii() and port_text.isdigit()):
         raise t.error("listen", expected)
-    port = int(port_text)
-    if port > 65535:
-        raise t.error("listen", f"port {port} is out of range (0-65535)")
+    digits = port_text.lstrip("0") or "0"
+    # int() of thousands of digits is slow, and refused past 4300.
+    if len(digits) > 5 or int(digits) > 65535:
+        raise t.error("listen", f"port {_show(port_text)} is out of range (0-65535)")
+    port = int(digits)
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
         try:
@@ -596,6 +721,8 @@ def _parse_listen(t: _Table, listen: str) -> tuple[str, int]:
         raise t.error("listen", f'write an IPv6 address in brackets, e.g. "[::1]:{port}"')
     if not host:
         raise t.error("listen", f'missing host; use "0.0.0.0:{port}" to listen on all interfaces')
+    if ":" not in host and not _HOSTNAME.fullmatch(host):
+        raise t.error("listen", f"{_show(host)} is not a host name or IP address; {expected}")
     return host, port
 
 
@@ -684,14 +811,15 @@ def _parse_job(t: _Table) -> JobConfig:
     timezone = t.string("timezone") or "UTC"
     try:
         ZoneInfo(timezone)
-    except (ZoneInfoNotFoundError, ValueError):
+    # OSError: names of tzdata folders ("America") and names too long for a file name.
+    except (ZoneInfoNotFoundError, ValueError, OSError):
         raise t.error(
             "timezone",
             f'unknown time zone {_show(timezone)}; use an IANA name like "Europe/Berlin" or "UTC"',
         ) from None
 
     enabled = t.boolean("enabled")
-    return JobConfig(
+    job = JobConfig(
         name=name,
         workflow=workflow,
         product=product,
@@ -708,6 +836,33 @@ def _parse_job(t: _Table) -> JobConfig:
         catch_up=t.duration("catch_up", 0.0),
         enabled=True if enabled is None else enabled,
     )
+    _check_schedule(t, job)
+    return job
+
+
+def _check_schedule(t: _Table, job: JobConfig) -> None:
+    """Build the schedule as the daemon will, so that whatever it refuses fails here, for
+    every command, instead of when `xcloudd run` starts."""
+    from xcloudd.schedule import build_schedule
+
+    # build_schedule does not say which key it refuses: giving it one more input at a time
+    # finds the key to name.
+    steps: list[tuple[str, str | None]] = [("timezone", None), ("jitter", None)]
+    for kind, value in (("cron", job.cron), ("every", job.every), ("at", job.at)):
+        if value is not None:
+            steps.append((kind, kind))
+    for key, schedule_key in steps:
+        try:
+            build_schedule(
+                job_name=job.name,
+                cron=job.cron if schedule_key == "cron" else None,
+                every=job.every if schedule_key == "every" else None,
+                at=job.at if schedule_key == "at" else None,
+                timezone=job.timezone,
+                jitter=0.0 if key == "timezone" else job.jitter,
+            )
+        except ValueError as err:
+            raise t.error(key, str(err)) from None
 
 
 def _at_most_one(t: _Table, present: list[str]) -> None:
@@ -724,7 +879,7 @@ def _parse_at(t: _Table) -> datetime:
     if isinstance(value, datetime):
         if value.tzinfo is None:
             raise t.error("at", f"{_show(value)} has no UTC offset; write it {example}")
-        return value
+        return _in_range(t, value)
     if not isinstance(value, str):
         raise t.wrong_type("at", f"an RFC 3339 date-time with offset {example}")
     match = _RFC3339.fullmatch(value.strip())
@@ -739,11 +894,27 @@ def _parse_at(t: _Table) -> datetime:
     if text[-1] in "Zz":
         text = text[:-1] + "+00:00"
     try:
-        return datetime.fromisoformat(text)
+        at = datetime.fromisoformat(text)
     except ValueError:
         raise t.error(
             "at", f"{_show(value)} is not a real date and time; check the numbers"
         ) from None
+    return _in_range(t, at)
+
+
+def _in_range(t: _Table, at: datetime) -> datetime:
+    # TOML allows 0001-01-01T00:00:00+01:00, which is no instant Python can hold in UTC, and
+    # 9999-12-31T23:00:00Z, which plus the jitter (up to 100 years) or shown in the job's time
+    # zone is past the end of Python's calendar.
+    try:
+        utc = at.astimezone(UTC)
+    except OverflowError:
+        utc = None
+    if utc is None or utc.year >= _AT_MAX_YEAR:
+        raise t.error(
+            "at", f"{_show(at)} is out of range; use a date from the year 1 to {_AT_MAX_YEAR - 1}"
+        ) from None
+    return at
 
 
 def _check_cron(t: _Table, expr: str) -> None:
@@ -797,12 +968,14 @@ def _load_signing_key(t: _Table, key_id: str, issuer_id: str | None) -> SigningK
         "private_key",
         'add private_key = "/etc/xcloudd/AuthKey_<KEY ID>.p8" (or "env:NAME" or "credential:NAME")',
     )
-    # Someone pasting the PEM itself into the config must not get it echoed back in an error.
-    if "-----" in ref or "\n" in ref or len(ref) > 1024:
+    # Someone pasting the key itself into the config must not get it echoed back in an error;
+    # after this check every message below may quote `ref`.
+    pasted = _pasted_key_kind(ref)
+    if pasted:
         raise t.error(
             "private_key",
-            "looks like the key itself; save it to a file and give its path, "
-            'or use "env:NAME" or "credential:NAME"',
+            f"looks like key material pasted inline ({pasted}, not shown); put it in a file "
+            'and give its path, or use "env:NAME" or "credential:NAME"',
         )
     env = t.ctx.env
     file: Path | None = None
@@ -856,6 +1029,19 @@ def _load_signing_key(t: _Table, key_id: str, issuer_id: str | None) -> SigningK
                 "App Store Connect shows for that key",
             )
     return SigningKey(key_id=key_id, issuer_id=issuer_id, private_key=result, source=source)
+
+
+def _pasted_key_kind(ref: str) -> str | None:
+    """What kind of key material `ref` looks like, when it is no path or reference."""
+    if "-----" in ref or "PRIVATE KEY" in ref:
+        return "PEM text"
+    if looks_like_key_material(ref):
+        return "base64 text"
+    if "\n" in ref:
+        return "text of several lines"
+    if len(ref) > 1024:
+        return "text far longer than a path"
+    return None
 
 
 def _read_key_file(t: _Table, file: Path) -> bytes:

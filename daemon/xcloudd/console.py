@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import IO, Any
 
-from xcloudd.sinks import EventFilter
+from xcloudd.sinks import LineSink, Record
 
 _MARK = {"SUCCEEDED": "✔", "FAILED": "✘", "ERRORED": "✘", "CANCELED": "⊘", "SKIPPED": "⊘"}
 
@@ -51,6 +51,12 @@ def render(r: Mapping[str, Any]) -> str | None:
             )
         case "build.watch_expired":
             return f"{_who(r)} gave up waiting (still {r.get('last_progress')})"
+        case "build.watch_ended":
+            return f"{_who(r)} no longer followed: {r.get('reason')}"
+        case "daemon.error":
+            return f"trouble in {r.get('where')}: {r.get('error')} (x{r.get('count')})"
+        case "sink.dropped":
+            return f"{r.get('count')} events dropped for {r.get('sink')}: it fell too far behind"
         case "build.start_failed":
             where = f" at {r['pointer']}" if r.get("pointer") else ""
             return (
@@ -79,29 +85,19 @@ def render(r: Mapping[str, Any]) -> str | None:
     return None
 
 
-class ConsoleSink:
-    name = "console"
-
-    def __init__(self, stream: IO[str] | None = None, events: tuple[str, ...] = ("*",)) -> None:
-        self._stream = stream or sys.stdout
-        self._filter = EventFilter(events)
-
-    def accepts(self, event_name: str) -> bool:
-        return self._filter.accepts(event_name)
-
-    def deliver(self, record: Mapping[str, Any]) -> None:
-        line = render(record)
-        if line is None:
-            return
-        ts = str(record.get("timestamp", ""))
-        try:
-            clock = (
-                datetime.fromisoformat(ts.replace("Z", "+00:00")).astimezone().strftime("%H:%M:%S")
-            )
-        except ValueError:
-            clock = ""
-        self._stream.write(f"{clock}  {line}\n")
-        self._stream.flush()
-
-    async def aclose(self) -> None:
+def _line(record: Record) -> str | None:
+    r = record.fields
+    line = render(r)
+    if line is None:
         return None
+    ts = str(r.get("timestamp", ""))
+    try:
+        clock = datetime.fromisoformat(ts.replace("Z", "+00:00")).astimezone().strftime("%H:%M:%S")
+    except ValueError:
+        clock = ""
+    return f"{clock}  {line}"
+
+
+def console_sink(stream: IO[str] | None = None, events: tuple[str, ...] = ("*",)) -> LineSink:
+    """Readable lines for a person at a terminal."""
+    return LineSink("console", _line, stream or sys.stdout, events)

@@ -18,7 +18,6 @@ from xcloudd.daemon import Daemon
 from xcloudd.errors import ExitCode
 from xcloudd.runtime import build_sinks, open_runtime, wants_console
 from xcloudd.simulator.server import running_simulator
-from xcloudd.store import Store
 
 DEMO_SECONDS = 30.0
 
@@ -103,19 +102,17 @@ async def run_demo(seconds: float = DEMO_SECONDS) -> ExitCode:
                     f" running the daemon for {seconds:.0f}s (Ctrl-C stops it).",
                     flush=True,
                 )
-            store = Store.open(config.state.path)
             sinks = build_sinks([s for s in config.sinks if s.type != "stdout"], console=console)
             foreign = asyncio.create_task(_foreign_builds(running, "Superseded", 12.0))
             try:
                 async with open_runtime(config, sinks=sinks) as rt:
-                    daemon = Daemon(rt, store)
+                    daemon = Daemon(rt)
                     asyncio.get_running_loop().call_later(seconds, daemon.stop)
                     code = await daemon.run()
             finally:
                 foreign.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await foreign
-                store.close()
             if console:
                 lines = events.read_text(encoding="utf-8").count("\n") if events.exists() else 0
                 truth = running.sim.runs

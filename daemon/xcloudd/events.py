@@ -1,20 +1,21 @@
-"""The one event model: every stage reports what happens as an Event, and only sinks render it.
+"""The one event model: what happened, as a value, before it is written to the outbox.
 
-Events pass through structlog (configured once, in `configure_logging`) so that exception
-rendering, level handling and key order are the same everywhere; the final step hands the
-finished record to the sinks of the emitter that produced it.
+Events are built here and nowhere else: the state store writes an event row in the same
+transaction as the fact it reports (see store.py), and sinks deliver rows read from that
+outbox (see delivery.py). An `event_id` names one event with one body: ids of facts are
+derived from what the fact is about (a run, an occurrence, an intent), so whoever records the
+fact first writes the only row with that id.
 """
 
 from __future__ import annotations
 
-import functools
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
-import structlog
+import orjson
 
 from xcloudd.clock import Clock
 
@@ -23,6 +24,7 @@ EventName = Literal[
     "daemon.reloaded",
     "daemon.stopping",
     "daemon.stopped",
+    "daemon.error",
     "schedule.fired",
     "schedule.skipped",
     "schedule.missed",
@@ -33,19 +35,22 @@ EventName = Literal[
     "build.started",
     "build.completed",
     "build.watch_expired",
+    "build.watch_ended",
     "api.throttled",
     "api.retrying",
     "api.unavailable",
     "api.auth_failed",
     "sink.failed",
     "sink.recovered",
+    "sink.dropped",
+    "state.unwritable",
+    "state.recovered",
 ]
 Level = Literal["debug", "info", "warning", "error"]
 Origin = Literal["schedule", "manual", "watch"]
 
 SERVICE = "xcloudd"
-# Stable ids for build lifecycle events: a run's build.created is the same event however many
-# times a crash makes us consider emitting it, so downstream deduplication can rely on it.
+# Stable ids: a fact's event is the same event however many processes consider writing it.
 _EVENT_NAMESPACE = uuid.UUID("6f0c2a57-3b8e-4f59-9d7e-1c2b8a4e5d10")
 
 # OpenTelemetry CI/CD `cicd.pipeline.result` values.
@@ -56,6 +61,10 @@ RESULTS: Mapping[str, str] = {
     "CANCELED": "cancellation",
     "SKIPPED": "skip",
 }
+
+
+def origin_of(value: str | None) -> Origin:
+    return "schedule" if value == "schedule" else "watch" if value == "watch" else "manual"
 
 
 @dataclass(frozen=True)
@@ -98,29 +107,24 @@ class Event:
             **self.fields,
         }
 
-
-class Sink(Protocol):
-    """A destination for events. `deliver` must not block the event loop for long."""
-
-    name: str
-
-    def accepts(self, event_name: str) -> bool: ...
-
-    def deliver(self, record: Mapping[str, Any]) -> None: ...
-
-    async def aclose(self) -> None: ...
+    def body(self) -> bytes:
+        return orjson.dumps(self.record(), default=str)
 
 
 _LEVELS: Mapping[EventName, Level] = {
     "build.start_failed": "error",
     "build.start_unknown": "warning",
     "build.watch_expired": "warning",
+    "build.watch_ended": "warning",
     "schedule.missed": "warning",
     "api.throttled": "info",
     "api.retrying": "warning",
     "api.unavailable": "error",
     "api.auth_failed": "error",
+    "daemon.error": "error",
     "sink.failed": "error",
+    "sink.dropped": "error",
+    "state.unwritable": "error",
 }
 
 
@@ -130,103 +134,66 @@ def default_level(name: EventName, fields: Mapping[str, Any]) -> Level:
     return _LEVELS.get(name, "info")
 
 
-def stable_event_id(build_run_id: str, name: EventName) -> str:
-    return str(uuid.uuid5(_EVENT_NAMESPACE, f"{build_run_id}/{name}"))
+def stable_event_id(subject: str, name: EventName) -> str:
+    return str(uuid.uuid5(_EVENT_NAMESPACE, f"{subject}/{name}"))
 
 
-class _Fanout:
-    """structlog's "logger": receives the finished record and hands it to the sinks."""
-
-    def __init__(self, sinks: Iterable[Sink]) -> None:
-        self.sinks = list(sinks)
-
-    def _deliver(self, record: dict[str, Any]) -> None:
-        name = str(record.get("event", ""))
-        for sink in self.sinks:
-            if sink.accepts(name):
-                sink.deliver(record)
-
-    debug = info = warning = error = msg = _deliver
+def occurrence_key(job: str, planned: datetime) -> str:
+    return f"{job}@{planned.astimezone(UTC).isoformat()}"
 
 
-_FIRST = ("timestamp", "level", "event", "event_id", "service")
+class EventFactory:
+    """Builds events with the injected clock's time; pure (it writes nothing)."""
 
-
-def _to_record(_logger: Any, _method: str, event_dict: Any) -> Any:
-    """Common fields first, in the documented order, so lines read the same everywhere."""
-    record = {k: event_dict[k] for k in _FIRST if k in event_dict}
-    record.update((k, v) for k, v in event_dict.items() if k not in record)
-    return ((record,), {})
-
-
-@functools.cache
-def configure_logging() -> None:
-    """Configure structlog once per process. Exceptions render without local variables,
-    because a local may hold the private key or a token."""
-    structlog.configure(
-        processors=[
-            structlog.processors.ExceptionRenderer(
-                structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
-            ),
-            _to_record,
-        ],
-        logger_factory=_Fanout,
-        cache_logger_on_first_use=False,
-    )
-
-
-class Emitter:
-    """Builds events (timestamp from the injected clock, id, level) and sends them to sinks."""
-
-    def __init__(
-        self,
-        sinks: Iterable[Sink],
-        clock: Clock,
-        *,
-        observers: Iterable[Callable[[Event], None]] = (),
-    ) -> None:
-        configure_logging()
+    def __init__(self, clock: Clock) -> None:
         self._clock = clock
-        self._sinks = list(sinks)
-        self._log = structlog.get_logger(self._sinks)
-        self._observers = list(observers)
 
-    @property
-    def sinks(self) -> list[Sink]:
-        return self._sinks
+    def now(self) -> datetime:
+        return datetime.fromtimestamp(self._clock.time(), tz=UTC)
 
-    def observe(self, observer: Callable[[Event], None]) -> None:
-        self._observers.append(observer)
-
-    def emit(
+    def make(
         self,
         name: EventName,
         *,
-        level: Level | None = None,
-        event_id: str | None = None,
+        subject: str | None = None,
         build: BuildRef | None = None,
+        level: Level | None = None,
         **fields: Any,
     ) -> Event:
+        """An event; with `subject`, its id is derived from it (one fact, one id)."""
         if build is not None:
             fields = {**build.fields(), **fields}
-        event = Event(
+        return Event(
             name=name,
             level=level or default_level(name, fields),
-            event_id=event_id or str(uuid.uuid4()),
-            timestamp=datetime.fromtimestamp(self._clock.time(), tz=UTC),
+            event_id=stable_event_id(subject, name) if subject else str(uuid.uuid4()),
+            timestamp=self.now(),
             fields=fields,
         )
-        record = event.record()
-        # structlog takes the event name as its positional "event" argument.
-        rest = {k: v for k, v in record.items() if k != "event"}
-        getattr(self._log, event.level)(name, **rest)
-        for observer in self._observers:
-            observer(event)
+
+
+class Emitter:
+    """Reports what is not a recorded fact (api.*, daemon.*, sink.*): each event becomes an
+    outbox row through `write`, so it reaches the sinks the same way as every other event."""
+
+    def __init__(self, factory: EventFactory, write: Callable[[Event], None]) -> None:
+        self.factory = factory
+        self._write = write
+        self._observers: list[Callable[[Event], None]] = []
+
+    def observe(self, observer: Callable[[Event], None]) -> None:
+        """Tests: see every event as it is handed to the outbox."""
+        self._observers.append(observer)
+
+    def emit(self, name: EventName, **fields: Any) -> Event:
+        event = self.factory.make(name, **fields)
+        self.handle(event)
         return event
 
-    async def aclose(self) -> None:
-        for sink in self._sinks:
-            await sink.aclose()
+    def handle(self, event: Event) -> None:
+        for observer in self._observers:
+            observer(event)
+        self._write(event)
 
 
 __all__ = [
@@ -235,9 +202,11 @@ __all__ = [
     "BuildRef",
     "Emitter",
     "Event",
+    "EventFactory",
     "EventName",
     "Level",
     "Origin",
-    "Sink",
+    "occurrence_key",
+    "origin_of",
     "stable_event_id",
 ]

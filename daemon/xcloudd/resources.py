@@ -1,16 +1,18 @@
 """Typed, defensive views of the App Store Connect resources xcloudd reads.
 
-Apple's schema marks no attribute as required, so every attribute may be null or missing; a
-value of the wrong type is a BadResponse with one clear line, never a KeyError deep inside.
+Apple's schema marks no attribute as required, so every attribute may be null or missing, and
+one odd field must not make a whole run unreadable: an attribute or relationship of the wrong
+type reads as absent. Only a resource that cannot be identified (no string id, the wrong type,
+not an object) is a BadResponse, and parsing never raises anything else.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 
-from xcloudd.api import JSON, BadResponse
+from xcloudd.api import BadResponse
 
 Progress = Literal["PENDING", "RUNNING", "COMPLETE"]
 _PROGRESS = ("PENDING", "RUNNING", "COMPLETE")
@@ -34,15 +36,16 @@ RUN_FIELDS = ",".join(
 )
 
 
-def _attrs(resource: JSON, kind: str) -> dict[str, Any]:
-    if not isinstance(resource.get("id"), str) or resource.get("type") != kind:
+def _identify(resource: object, kind: str) -> tuple[str, dict[str, Any]]:
+    """The resource's id and attributes (empty when they are not an object)."""
+    if (
+        not isinstance(resource, dict)
+        or not isinstance(resource.get("id"), str)
+        or resource.get("type") != kind
+    ):
         raise BadResponse(f"App Store Connect sent a malformed {kind} resource")
-    attrs = resource.get("attributes") or {}
-    if not isinstance(attrs, dict):
-        raise BadResponse(
-            f"App Store Connect sent malformed attributes for {kind} {resource['id']}"
-        )
-    return attrs
+    attrs = resource.get("attributes")
+    return resource["id"], attrs if isinstance(attrs, dict) else {}
 
 
 def _str(attrs: dict[str, Any], key: str) -> str | None:
@@ -50,20 +53,33 @@ def _str(attrs: dict[str, Any], key: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _int(value: object) -> int | None:
+    # JSON true/false arrive as bool, which Python counts as int.
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def _date(attrs: dict[str, Any], key: str) -> datetime | None:
+    """An aware UTC datetime, or None when absent or unreadable."""
     value = attrs.get(key)
     if not isinstance(value, str):
         return None
     try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise BadResponse(f"App Store Connect sent an unreadable {key}: {value[:40]!r}") from None
+        parsed = datetime.fromisoformat(value)
+        # Apple's dates are UTC; one without an offset must not become a naive datetime that
+        # cannot be compared with the others.
+        if parsed.utcoffset() is None:
+            return parsed.replace(tzinfo=UTC)
+        return parsed.astimezone(UTC)
+    except (ValueError, OverflowError):
+        return None
 
 
-def related_id(resource: JSON, name: str) -> str | None:
-    rel = (resource.get("relationships") or {}).get(name)
+def related_id(resource: object, name: str) -> str | None:
+    rels = resource.get("relationships") if isinstance(resource, dict) else None
+    rel = rels.get(name) if isinstance(rels, dict) else None
     data = rel.get("data") if isinstance(rel, dict) else None
-    return data.get("id") if isinstance(data, dict) and isinstance(data.get("id"), str) else None
+    ident = data.get("id") if isinstance(data, dict) else None
+    return ident if isinstance(ident, str) else None
 
 
 @dataclass(frozen=True)
@@ -83,30 +99,29 @@ class BuildRun:
     git_reference_id: str | None
 
     @classmethod
-    def parse(cls, resource: JSON) -> BuildRun:
-        a = _attrs(resource, "ciBuildRuns")
+    def parse(cls, resource: object) -> BuildRun:
+        """Any JSON value: a BuildRun, or BadResponse when it is not an identifiable run."""
+        run_id, a = _identify(resource, "ciBuildRuns")
+        started = _date(a, "startedDate")
+        # Unknown or missing progress means "not finished": only COMPLETE ends a watch.
+        unknown: Progress = "PENDING" if started is None else "RUNNING"
         raw = a.get("executionProgress")
-        progress: Progress
-        if raw in _PROGRESS:
-            progress = raw
-        else:
-            # Unknown or missing progress means "not finished": only COMPLETE ends a watch.
-            progress = "PENDING" if a.get("startedDate") is None else "RUNNING"
-        number = a.get("number")
+        progress: Progress = raw if raw in _PROGRESS else unknown
         counts = a.get("issueCounts")
         commit = a.get("sourceCommit")
         return cls(
-            id=resource["id"],
-            number=number if isinstance(number, int) else None,
+            id=run_id,
+            number=_int(a.get("number")),
             progress=progress,
+            # Kept as given even when unknown: a new status is still better reported than lost.
             completion_status=_str(a, "completionStatus"),
             cancel_reason=_str(a, "cancelReason"),
             start_reason=_str(a, "startReason"),
             created=_date(a, "createdDate"),
-            started=_date(a, "startedDate"),
+            started=started,
             finished=_date(a, "finishedDate"),
             issue_counts=(
-                {k: v for k, v in counts.items() if isinstance(v, int)}
+                {k: v for k, v in counts.items() if _int(v) is not None}
                 if isinstance(counts, dict)
                 else None
             ),
@@ -125,7 +140,7 @@ class Named:
     attributes: dict[str, Any]
 
     @classmethod
-    def parse(cls, resource: JSON, kind: str, name_key: str = "name") -> Named:
-        a = _attrs(resource, kind)
+    def parse(cls, resource: object, kind: str, name_key: str = "name") -> Named:
+        ident, a = _identify(resource, kind)
         name = a.get(name_key)
-        return cls(resource["id"], str(name) if name is not None else "", a)
+        return cls(ident, str(name) if name is not None else "", a)

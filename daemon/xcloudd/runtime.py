@@ -1,12 +1,19 @@
-"""Wiring: one ClientSession, one token signer, one client and one emitter per process."""
+"""Wiring: one store, one ClientSession, one token signer, one client per process, and the
+deliveries that carry the outbox to the sinks."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import sys
+import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Iterable
+from concurrent.futures import Future
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import IO
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Literal
 
 import aiohttp
 
@@ -14,20 +21,33 @@ from xcloudd.api import AscClient
 from xcloudd.auth import TokenSigner
 from xcloudd.clock import Clock, SystemClock
 from xcloudd.config import Config, SinkConfig
-from xcloudd.console import ConsoleSink
+from xcloudd.console import console_sink
+from xcloudd.delivery import Delivery, Mine
 from xcloudd.errors import ConfigError
-from xcloudd.events import Emitter, Sink
+from xcloudd.events import Emitter, Event, EventFactory
 from xcloudd.resolve import Resolver
-from xcloudd.sinks import FileSink, StdoutSink
+from xcloudd.sinks import FileSink, Sink, StdoutSink
+from xcloudd.store import AsyncStore, Store, StoreUnwritable
+from xcloudd.supervisor import Supervisor, describe, diagnostic
+
+DRAIN_S = 5.0
+# Events that could not be written while the store was unwritable wait here, in order.
+_UNWRITTEN_MAX = 1000
 
 
-@dataclass(frozen=True)
+@dataclass
 class Runtime:
     config: Config
     clock: Clock
+    events: EventFactory
     emitter: Emitter
+    store: AsyncStore
     client: AscClient
     resolver: Resolver
+    supervisor: Supervisor
+    owner: str
+    deliveries: list[Delivery] = field(default_factory=list)
+    sinks: list[Sink] = field(default_factory=list)
 
 
 def refuse_unsupported(config: Config) -> None:
@@ -55,17 +75,24 @@ def build_sinks(
     lines (a pipe) whatever the config says, so a CLI command never prints an event twice.
     `console_stream` sends the readable lines elsewhere (stderr, when stdout is a document)."""
     sinks: list[Sink] = []
+    names: set[str] = set()
     for sc in configs:
+        sink: Sink
         if sc.type == "stdout":
-            if console is None:
-                sinks.append(StdoutSink(sc.events))
+            if console is not None:
+                continue
+            sink = StdoutSink(sc.events)
         elif sc.type == "file":
             assert sc.path is not None
-            sinks.append(FileSink(sc.path, sc.events))
+            sink = FileSink(sc.path, sc.events)
         else:
             raise ConfigError(f"{sc.type} sinks are not supported yet: use stdout or file")
+        if sink.name in names:
+            continue  # the same destination twice would only write each event twice
+        names.add(sink.name)
+        sinks.append(sink)
     if console is not None:
-        sinks.insert(0, ConsoleSink(console_stream) if console else StdoutSink())
+        sinks.insert(0, console_sink(console_stream) if console else StdoutSink())
     return sinks
 
 
@@ -75,37 +102,132 @@ def wants_console(stream: object = None) -> bool:
     return bool(isatty and isatty())
 
 
+class _OutboxWriter:
+    """The emitter's way into the outbox. While the store cannot be written, events wait in
+    memory (bounded) and one line on stderr says why; they are written once it works again."""
+
+    def __init__(self, store: AsyncStore) -> None:
+        self._store = store
+        self._waiting: deque[Event] = deque(maxlen=_UNWRITTEN_MAX)
+        self._failing = False
+
+    def write(self, event: Event) -> None:
+        self._waiting.append(event)
+        self.flush()
+
+    def flush(self) -> None:
+        if not self._waiting:
+            return
+        batch = list(self._waiting)
+        self._waiting.clear()
+        try:
+            fut = self._store.post(lambda: self._store.sync.append(batch))
+        except Exception as exc:  # the store is closed: the process is ending
+            diagnostic("event not recorded", error=describe(exc), events=len(batch))
+            return
+        fut.add_done_callback(lambda f: self._done(f, batch))
+
+    def _done(self, fut: Future[object], batch: list[Event]) -> None:
+        exc = fut.exception()
+        if exc is None:
+            if self._failing:
+                self._failing = False
+                diagnostic("the state store can be written again")
+            return
+        # Put them back in front, oldest first, for the next try.
+        self._waiting.extendleft(reversed(batch))
+        if not self._failing:
+            self._failing = True
+            what = str(exc) if isinstance(exc, StoreUnwritable) else describe(exc)
+            diagnostic("events wait in memory: the state store cannot be written", error=what)
+
+
 @asynccontextmanager
 async def open_runtime(
     config: Config,
     *,
     sinks: list[Sink],
     clock: Clock | None = None,
+    store_path: Path | Literal["config"] | None = "config",
+    durable: bool = True,
 ) -> AsyncIterator[Runtime]:
+    """Everything a command needs. `store_path`: the config's state store (the daemon), a
+    path, or None for an in-memory store. `durable`: deliver the whole outbox to `sinks` with
+    cursors kept in the store (the daemon); otherwise only this process's events (a CLI)."""
     clock = clock or SystemClock()
-    emitter = Emitter(sinks, clock)
-    _wire_sink_health(emitter)
+    events = EventFactory(clock)
+    path = config.state.path if store_path == "config" else store_path
+    store = AsyncStore(Store.open(path, events))
+    writer = _OutboxWriter(store)
+    emitter = Emitter(events, writer.write)
+    supervisor = Supervisor(emitter, clock)
+    supervisor.install(asyncio.get_running_loop())
+    owner = f"pid-{uuid.uuid4()}"
     connector = aiohttp.TCPConnector(limit=16, ttl_dns_cache=300)
-    async with aiohttp.ClientSession(connector=connector, raise_for_status=False) as session:
-        client = AscClient(
-            session,
-            config.api.base_url,
-            TokenSigner(config.api.key, clock),
-            clock,
-            emitter,
-            timeout=config.api.timeout,
-            budget=config.polling.budget,
-        )
-        try:
-            yield Runtime(config, clock, emitter, client, Resolver(client))
-        finally:
-            await emitter.aclose()
+    mine: Mine | None = None
+    try:
+        async with aiohttp.ClientSession(connector=connector, raise_for_status=False) as session:
+            client = AscClient(
+                session,
+                config.api.base_url,
+                TokenSigner(config.api.key, clock),
+                clock,
+                emitter,
+                timeout=config.api.timeout,
+                budget=config.polling.budget,
+            )
+            rt = Runtime(
+                config,
+                clock,
+                events,
+                emitter,
+                store,
+                client,
+                Resolver(client),
+                supervisor,
+                owner,
+                sinks=sinks,
+            )
+            if durable:
+                for sink in sinks:
+                    delivery = Delivery(store, sink, emitter, clock)
+                    await delivery.start()
+                    rt.deliveries.append(delivery)
+                    supervisor.spawn(f"sink {sink.name}", delivery.run)
+            else:
+                mine = Mine(store, sinks)
+                supervisor.spawn("console", mine.run)
+            supervisor.spawn("outbox", lambda: _flush_loop(writer, clock))
+            try:
+                yield rt
+            finally:
+                writer.flush()
+                # The delivery loops stop first, so that draining is the only writer left.
+                for delivery in rt.deliveries:
+                    delivery.stop()
+                if mine is not None:
+                    mine.stop()
+                await supervisor.join([*(f"sink {s.name}" for s in sinks), "console"], DRAIN_S)
+                await _drain(rt, mine)
+                await supervisor.stop()
+    finally:
+        for sink in sinks:
+            with contextlib.suppress(Exception):
+                await sink.aclose()
+        await store.aclose()
 
 
-def _wire_sink_health(emitter: Emitter) -> None:
-    def report(name: str, healthy: bool, pending: int) -> None:
-        emitter.emit("sink.recovered" if healthy else "sink.failed", sink=name, pending=pending)
+async def _flush_loop(writer: _OutboxWriter, clock: Clock) -> None:
+    while True:
+        await asyncio.sleep(5.0)
+        writer.flush()
 
-    for sink in emitter.sinks:
-        if hasattr(sink, "on_health"):
-            sink.on_health = report
+
+async def _drain(rt: Runtime, mine: Mine | None) -> None:
+    """Deliver what is in the outbox before the process ends, within a few seconds."""
+    # Let queued writes (events reported just now) reach the outbox first.
+    with contextlib.suppress(Exception):
+        await rt.store.call(rt.store.sync.outbox_end)
+    if mine is not None:
+        await mine.drain(DRAIN_S)
+    await asyncio.gather(*(d.drain(DRAIN_S) for d in rt.deliveries))

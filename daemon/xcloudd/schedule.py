@@ -11,7 +11,8 @@ differ from crontab's exactly where this project needs them.
 - `from_crontab` reads day-of-week 0 as Monday (its weekdays are indexed from Monday) and rejects 7.
 - Its fields are always ANDed; Vixie cron's "day-of-month OR day-of-week when both are restricted"
   would need two triggers and a merge of their streams.
-- A repeated wall time fires twice and a skipped one shifts, contrary to DESIGN 3.2.
+- Its DST handling is the same for every job (a repeated wall time fires twice, a skipped one
+  shifts); Vixie cron treats fixed-time and wildcard jobs differently (below).
 - Its errors do not name the crontab field that is wrong.
 What remains is parsing five small integer sets and walking a calendar, which is short and tested.
 
@@ -22,12 +23,21 @@ range may end on Sunday ("fri-sun", "5-0") because that reads naturally. As in V
 field counts as unrestricted when it starts with `*` (so "*/2" days AND a weekday, not OR). A
 line that can never fire ("0 0 31 2 *") is rejected, so next_after never has to search in vain.
 
-DST rules (DESIGN 3.2), cron fields matching wall-clock time in the job's zone:
-- A wall time that a spring change skips fires once, at the first valid instant after it: the
-  transition itself (Europe/Berlin 2027-03-28 02:30 -> 03:00 CEST = 01:00Z). If the cron also
-  matches the wall time right after the gap, both are the same instant and fire once.
-- A wall time that an autumn change repeats fires once, at its first occurrence.
-Planned instants are therefore strictly increasing, with no duplicates.
+DST rules, as in Vixie/Debian cron, with cron fields matching wall-clock time in the job's zone.
+Which rule applies depends only on the line (after expanding a macro):
+- Wildcard jobs, whose minute or hour field starts with `*` (`*/15 * * * *`, `30 * * * *`,
+  `0 */2 * * *`, `@hourly`), follow real time: they fire at every instant whose wall time
+  matches. A repeated wall time fires in both passes (Berlin 2026-10-25: `*/15 * * * *` fires
+  at 02:00..02:45 CEST and again at 02:00..02:45 CET, every 15 real minutes), and a skipped one
+  does not fire at all (2027-03-28: `30 * * * *` fires at 01:30 CET, then 03:30 CEST). So
+  `*/10 2 * * *` fires twelve times on the autumn night and never on the spring night.
+- Fixed-time jobs (all others, e.g. `30 2 * * *`) fire once per matching wall time. One that a
+  spring change skips fires at the first valid instant after it: the transition itself
+  (Europe/Berlin 2027-03-28 02:30 -> 03:00 CEST = 01:00Z). If the cron also matches the wall
+  time right after the gap, both are the same instant and fire once. One that an autumn change
+  repeats fires once, at its first pass.
+Either way planned instants are strictly increasing, with no duplicates, and a pure function
+of the schedule: the same on every host and restart.
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ from __future__ import annotations
 import hashlib
 import math
 from bisect import bisect_left
+from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import MAXYEAR, UTC, date, datetime, timedelta
@@ -135,6 +146,7 @@ class _CronSpec:
     months: tuple[int, ...]
     weekdays: frozenset[int]  # 0 = Sunday, as in crontab
     day_or: bool  # both day fields restricted: Vixie cron matches a day when either matches
+    real_time: bool  # a wildcard job (minute or hour starts with "*"): see the DST rules
 
     def day_matches(self, day: date) -> bool:
         dom = day.day in self.days
@@ -238,6 +250,8 @@ def _parse_cron(expr: str) -> _CronSpec:
     )
     # Vixie cron decides by the first character: "*/2" counts as unrestricted too.
     day_or = not parts[2].startswith("*") and not parts[4].startswith("*")
+    # Vixie cron's MIN_STAR/HR_STAR, also decided by the first character ("*/15" counts).
+    real_time = parts[0].startswith("*") or parts[1].startswith("*")
     if not day_or and not any(d <= _LONGEST_MONTH.get(m, 31) for m in months for d in days):
         raise ValueError(
             f"never fires: day-of-month '{parts[2]}' never occurs in month '{parts[3]}'"
@@ -249,6 +263,7 @@ def _parse_cron(expr: str) -> _CronSpec:
         months=tuple(sorted(months)),
         weekdays=frozenset(w % 7 for w in weekdays),
         day_or=day_or,
+        real_time=real_time,
     )
 
 
@@ -352,19 +367,49 @@ class CronSchedule:
             return
 
     def _base_instants(self, after: datetime) -> Iterator[datetime]:
-        # Resolved instants never decrease as wall time increases (a skipped wall time maps to
-        # the end of its gap, a repeated one to its first pass), so walking matching wall times
-        # from just after `after`'s own wall time and dropping anything not later than the last
-        # yield gives each instant once, in order. The walk starts early enough: no wall time
-        # before `after`'s own can resolve to an instant after it.
+        # Both candidate streams are non-decreasing and start early enough that nothing after
+        # `after` is missed, so dropping anything not later than the last yield gives each
+        # instant once, in order.
         last = after.astimezone(UTC)
         wall = after.astimezone(self._zone).replace(tzinfo=None)
-        start = wall.replace(second=0, microsecond=0) + _ONE_MINUTE
-        for candidate in self._walls(start):
-            instant = self._resolve(candidate)
+        candidates = self._real_time(wall) if self._spec.real_time else self._fixed_time(wall)
+        for instant in candidates:
             if instant > last:
                 yield instant
                 last = instant
+
+    def _fixed_time(self, wall: datetime) -> Iterator[datetime]:
+        # Resolved instants never decrease as wall time increases (a skipped wall time maps to
+        # the end of its gap, a repeated one to its first pass), and no wall time before
+        # `wall` can resolve to an instant after it.
+        start = wall.replace(second=0, microsecond=0) + _ONE_MINUTE
+        for candidate in self._walls(start):
+            yield self._resolve(candidate)
+
+    def _real_time(self, wall: datetime) -> Iterator[datetime]:
+        """Instants whose wall time matches, from about `wall` on, non-decreasing."""
+        zone = self._zone
+        # Inside the first pass of a repeated stretch, the second pass of earlier wall times
+        # (down to the stretch's start, at most its length back) is still ahead.
+        repeat = _offset(wall, zone, 0) - _offset(wall, zone, 1)
+        start = (wall - max(repeat, timedelta(0))).replace(second=0, microsecond=0)
+        # First passes come in order along the walk, and so do second passes, but a second
+        # pass lies after later first passes of the same stretch: hold second passes back
+        # until the walk's first passes overtake them. At most one stretch's worth waits.
+        second_passes: deque[datetime] = deque()
+        for candidate in self._walls(start):
+            # PEP 495: fold=0 takes the offset from before a transition, fold=1 the one after.
+            offset_before = _offset(candidate, zone, 0)
+            offset_after = _offset(candidate, zone, 1)
+            if offset_before < offset_after:
+                continue  # skipped by a spring change: no such instant, so no fire
+            first = (candidate - offset_before).replace(tzinfo=UTC)
+            while second_passes and second_passes[0] < first:
+                yield second_passes.popleft()
+            yield first
+            if offset_after != offset_before:
+                second_passes.append((candidate - offset_after).replace(tzinfo=UTC))
+        yield from second_passes
 
     def _walls(self, start: datetime) -> Iterator[datetime]:
         """Matching naive wall times at or after `start` (minute-aligned), in order."""
@@ -397,6 +442,12 @@ class CronSchedule:
         # In a gap, PEP 495 maps fold=0 past the transition and fold=1 before it.
         before = wall.replace(tzinfo=self._zone, fold=1).astimezone(UTC)
         return _transition(self._zone, min(before, first), max(before, first))
+
+
+def _offset(wall: datetime, zone: ZoneInfo, fold: int) -> timedelta:
+    offset = wall.replace(tzinfo=zone, fold=fold).utcoffset()
+    assert offset is not None  # a ZoneInfo always has one
+    return offset
 
 
 def _transition(zone: ZoneInfo, before: datetime, after: datetime) -> datetime:

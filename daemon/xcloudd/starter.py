@@ -1,66 +1,53 @@
 """Starting a build: `POST /v1/ciBuildRuns`, which is not idempotent and cannot be undone.
 
-The rule (DESIGN 4): never send the POST again unless App Store Connect said it did nothing.
-When the outcome is unknown (timeout, reset, 5xx) the starter lists the workflow's newest runs
-and adopts the one this request created; only if none appears does it POST again.
+A start is an intent in the state store before anything goes out, and every step of it is a
+transaction (see store.py): sending (the POST may leave), unknown (it left, and nobody knows
+what it did), done (its run is recorded), failed, missed. The rules (DESIGN 4):
+- the POST is sent again only when App Store Connect said it did nothing (a refusal before
+  anything was created, a connection that never opened), or when a successful read of the
+  workflow's newest runs, a few seconds after the outcome became unknown, shows no run it
+  could have created. A read that failed proves nothing: the intent waits and reads again;
+- a run is adopted only if it was created between the POST and the moment its outcome became
+  unknown (plus clock skew), by hand (MANUAL), on the same reference, and is not known yet.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Literal
 
-from xcloudd.api import JSON, ApiError, ApiUnavailable, AscClient, BadResponse, OutcomeUnknown
+from xcloudd.api import (
+    JSON,
+    ApiError,
+    ApiUnavailable,
+    AscClient,
+    AuthFailed,
+    BadResponse,
+    OutcomeUnknown,
+)
 from xcloudd.clock import Clock
 from xcloudd.config import JobConfig
-from xcloudd.events import BuildRef, Emitter, Origin, stable_event_id
-from xcloudd.resolve import Resolver
+from xcloudd.errors import XcloudError
+from xcloudd.resolve import ResolveError, Resolver
 from xcloudd.resources import RUN_FIELDS, BuildRun
+from xcloudd.store import AsyncStore, Intent, NewRun, StartRequest
 
-# How far Apple's createdDate may lag our own clock and still count as "created by us".
+# How far Apple's createdDate may differ from our clock and still count as "created by us".
 CLOCK_SKEW = timedelta(minutes=2)
-# A run created just before a connection drops may take a moment to show up in the list.
-RECONCILE_DELAYS = (0.0, 2.0, 5.0, 10.0)
+# A run created just before a connection dropped may take a moment to show up in the list:
+# "not in the list" counts only for a read this long after the outcome became unknown.
+SETTLE_S = 5.0
 MAX_POSTS = 3
-
-
-@dataclass(frozen=True)
-class StartRequest:
-    workflow_id: str
-    git_reference_id: str | None = None
-    pull_request_id: str | None = None
-    rebuild_of: str | None = None
-    clean: bool | None = None
-    job: str | None = None
-    origin: Origin = "manual"
-
-    def body(self) -> JSON:
-        """The CiBuildRunCreateRequest, with only what was asked for."""
-        relationships: JSON = {
-            "workflow": {"data": {"type": "ciWorkflows", "id": self.workflow_id}}
-        }
-        if self.git_reference_id:
-            relationships["sourceBranchOrTag"] = {
-                "data": {"type": "scmGitReferences", "id": self.git_reference_id}
-            }
-        if self.pull_request_id:
-            relationships["pullRequest"] = {
-                "data": {"type": "scmPullRequests", "id": self.pull_request_id}
-            }
-        if self.rebuild_of:
-            relationships["buildRun"] = {"data": {"type": "ciBuildRuns", "id": self.rebuild_of}}
-        data: JSON = {"type": "ciBuildRuns", "relationships": relationships}
-        if self.clean is not None:
-            data["attributes"] = {"clean": self.clean}
-        return {"data": data}
-
-
-@dataclass(frozen=True)
-class Started:
-    run: BuildRun
-    ref: BuildRef
-    reconciled: bool
+# An occurrence still starts when the daemon gets to it this late, whatever its catch_up.
+ON_TIME_S = 60.0
+# A start asked for by a CLI process that has not touched it for this long is taken over.
+ORPHAN_S = 600.0
+RECONCILE_PAGE = 50
+RECONCILE_PAGES = 4
+RETRY_MAX_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -105,129 +92,326 @@ async def resolve_target(resolver: Resolver, target: Target) -> StartRequest:
         pull_request_id=pr_id,
         rebuild_of=target.rebuild,
         clean=target.clean,
-        job=target.job,
-        origin="manual",
     )
 
 
+def request_body(req: StartRequest) -> JSON:
+    """The CiBuildRunCreateRequest, with only what was asked for."""
+    relationships: JSON = {"workflow": {"data": {"type": "ciWorkflows", "id": req.workflow_id}}}
+    if req.git_reference_id:
+        relationships["sourceBranchOrTag"] = {
+            "data": {"type": "scmGitReferences", "id": req.git_reference_id}
+        }
+    if req.pull_request_id:
+        relationships["pullRequest"] = {
+            "data": {"type": "scmPullRequests", "id": req.pull_request_id}
+        }
+    if req.rebuild_of:
+        relationships["buildRun"] = {"data": {"type": "ciBuildRuns", "id": req.rebuild_of}}
+    data: JSON = {"type": "ciBuildRuns", "relationships": relationships}
+    if req.clean is not None:
+        data["attributes"] = {"clean": req.clean}
+    return {"data": data}
+
+
+Step = Literal["done", "failed", "missed", "waiting", "skipped"]
+
+
+@dataclass(frozen=True)
+class StepResult:
+    step: Step
+    run_id: str | None = None
+
+
 class Starter:
+    """Moves one intent one step on; the caller decides when to call again (`next_try`)."""
+
     def __init__(
         self,
+        store: AsyncStore,
         client: AscClient,
-        emitter: Emitter,
+        resolver: Resolver,
         clock: Clock,
         *,
-        is_known: Callable[[str], bool] = lambda _run_id: False,
+        owner: str,
+        rng: random.Random | None = None,
     ) -> None:
+        self._store = store
+        self._db = store.sync
         self._client = client
-        self._emitter = emitter
+        self._resolver = resolver
         self._clock = clock
-        # Runs already accounted for (started by an earlier request, or watched): never adopt them.
-        self._is_known = is_known
-        self._adopted: set[str] = set()
+        self._owner = owner
+        self._rng = rng or random.Random()
+        self._failures: dict[str, int] = {}
+        # Why an intent failed, as the error a CLI command shows (Apple's own words).
+        self.errors: dict[str, XcloudError] = {}
 
-    async def start(self, req: StartRequest) -> Started:
-        self._emitter.emit(
-            "build.requested",
-            job=req.job,
-            workflow_id=req.workflow_id,
-            git_reference_id=req.git_reference_id,
-            pull_request_id=req.pull_request_id,
-            rebuild_of=req.rebuild_of,
-            clean=req.clean,
-            origin=req.origin,
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self._clock.time(), tz=UTC)
+
+    def _later(self, intent_id: str) -> float:
+        """When to try this intent again after trouble: backoff with full jitter."""
+        n = self._failures[intent_id] = self._failures.get(intent_id, 0) + 1
+        return self._clock.time() + self._rng.uniform(1.0, min(RETRY_MAX_S, 2.0 ** min(n, 9)))
+
+    async def step(
+        self, intent: Intent, job: JobConfig | None, *, job_known: bool = True
+    ) -> StepResult:
+        """One step: send a new intent, or settle one whose outcome is unknown."""
+        if intent.state == "new":
+            return await self._send(intent, job, job_known)
+        if intent.state == "sending":
+            # The process that sent it stopped before the answer: nobody knows what it did.
+            await self._store.call(
+                self._db.intent_unknown,
+                intent.id,
+                reason="xcloudd stopped while the request was under way",
+                http_status=None,
+                next_try=self._clock.time(),
+            )
+            return StepResult("waiting")
+        if intent.state == "unknown":
+            return await self._reconcile(intent, job)
+        return StepResult("skipped")
+
+    def _too_late(self, intent: Intent, job: JobConfig | None, job_known: bool) -> str | None:
+        """Why a scheduled start should no longer go out, if it should not."""
+        if intent.origin != "schedule":
+            return None
+        if not job_known or job is None:
+            return "the job is no longer in the config"
+        if not job.enabled:
+            return "the job is disabled"
+        if intent.planned is not None:
+            late = (self._now() - intent.planned).total_seconds()
+            if late > max(job.catch_up, ON_TIME_S):
+                return "older than the job's catch_up when it could be sent"
+        return None
+
+    async def _send(self, intent: Intent, job: JobConfig | None, job_known: bool) -> StepResult:
+        if (reason := self._too_late(intent, job, job_known)) is not None:
+            await self._store.call(self._db.intent_missed, intent.id, reason)
+            return StepResult("missed")
+        if intent.posts >= MAX_POSTS:
+            await self._store.call(
+                self._db.intent_failed,
+                intent.id,
+                http_status=None,
+                error_code=None,
+                detail=f"no build run appeared after {MAX_POSTS} attempts to start one",
+            )
+            return StepResult("failed")
+        try:
+            req = await self._request(intent, job)
+        except (ResolveError, ApiError) as exc:
+            if isinstance(exc, AuthFailed):
+                return await self._retry(intent)
+            self.errors[intent.id] = exc
+            await self._store.call(
+                self._db.intent_failed,
+                intent.id,
+                http_status=getattr(exc, "status", None),
+                error_code=None,
+                detail=str(exc),
+            )
+            return StepResult("failed")
+        except (ApiUnavailable, BadResponse):
+            return await self._retry(intent)
+        sent = await self._store.call(self._db.intent_sending, intent.id, req)
+        if sent is None:
+            return StepResult("skipped")
+        return await self._post(sent, req)
+
+    async def _request(self, intent: Intent, job: JobConfig | None) -> StartRequest:
+        if intent.workflow_id is not None:
+            return StartRequest(
+                intent.workflow_id,
+                intent.git_reference_id,
+                intent.pull_request_id,
+                intent.rebuild_of,
+                intent.clean,
+            )
+        assert job is not None
+        return await resolve_target(self._resolver, Target.of_job(job))
+
+    async def _retry(self, intent: Intent, *, resend: bool = False) -> StepResult:
+        await self._store.call(
+            self._db.intent_retry, intent.id, next_try=self._later(intent.id), resend=resend
         )
-        for _ in range(MAX_POSTS):
-            sent_at = datetime.fromtimestamp(self._clock.time(), tz=UTC)
-            try:
-                answer = await self._client.post("/v1/ciBuildRuns", req.body())
-            except ApiError as exc:
-                first = exc.first
-                self._emitter.emit(
-                    "build.start_failed",
-                    job=req.job,
-                    workflow_id=req.workflow_id,
-                    origin=req.origin,
-                    http_status=exc.status,
-                    error_code=first.code if first else None,
-                    detail=first.detail or first.title if first else None,
-                    pointer=first.pointer if first else None,
-                )
-                raise
-            except OutcomeUnknown as exc:
-                self._emitter.emit(
-                    "build.start_unknown",
-                    job=req.job,
-                    workflow_id=req.workflow_id,
-                    origin=req.origin,
-                    reason=exc.reason,
-                    http_status=exc.status,
-                )
-                run = await self.reconcile(req, sent_at)
-                if run is not None:
-                    return self._created(req, run, reconciled=True)
-                continue
+        return StepResult("waiting")
+
+    async def _post(self, intent: Intent, req: StartRequest) -> StepResult:
+        try:
+            answer = await self._client.post("/v1/ciBuildRuns", request_body(req))
             data = answer.get("data")
             if not isinstance(data, dict):
                 raise BadResponse("App Store Connect accepted the build but sent no build run")
-            return self._created(req, BuildRun.parse(data), reconciled=False)
-        raise ApiUnavailable(
-            f"could not start a build of workflow {req.workflow_id}: {MAX_POSTS} attempts"
-            " ended without an answer and no new run appeared"
+            run = BuildRun.parse(data)
+        except AuthFailed:
+            # Refused before anything was created: safe to send again once the key works.
+            return await self._retry(intent, resend=True)
+        except ApiError as exc:
+            first = exc.first
+            self.errors[intent.id] = exc
+            await self._store.call(
+                self._db.intent_failed,
+                intent.id,
+                http_status=exc.status,
+                error_code=first.code if first else None,
+                detail=(first.detail or first.title) if first else str(exc),
+                pointer=first.pointer if first else None,
+            )
+            return StepResult("failed")
+        except ApiUnavailable:
+            # The connection never opened: nothing can have been created.
+            return await self._retry(intent, resend=True)
+        except (OutcomeUnknown, BadResponse) as exc:
+            reason = exc.reason if isinstance(exc, OutcomeUnknown) else str(exc)
+            status = exc.status if isinstance(exc, OutcomeUnknown) else None
+            await self._store.call(
+                self._db.intent_unknown,
+                intent.id,
+                reason=reason,
+                http_status=status,
+                next_try=self._clock.time() + SETTLE_S,
+            )
+            return StepResult("waiting")
+        self._failures.pop(intent.id, None)
+        await self._store.call(
+            self._db.record_run,
+            self._new_run(intent, req.workflow_id, run),
+            intent_id=intent.id,
+            reconciled=False,
         )
+        return StepResult("done", run.id)
 
-    async def reconcile(self, req: StartRequest, sent_at: datetime) -> BuildRun | None:
-        """The run this request created, if App Store Connect has it."""
-        for delay in RECONCILE_DELAYS:
-            if delay:
-                await self._clock.sleep(delay)
-            try:
-                page = await self._client.get(
-                    f"/v1/ciWorkflows/{req.workflow_id}/buildRuns",
-                    {"sort": "-number", "limit": "10", "fields[ciBuildRuns]": RUN_FIELDS},
-                )
-            except ApiUnavailable:
-                continue
-            candidates = [run for run in _runs(page) if self._could_be_ours(run, req, sent_at)]
-            if candidates:
-                # The oldest unclaimed candidate: a second request's run is newer than ours.
-                return min(candidates, key=lambda r: r.number or 0)
-        return None
-
-    def _could_be_ours(self, run: BuildRun, req: StartRequest, sent_at: datetime) -> bool:
-        if run.id in self._adopted or self._is_known(run.id):
-            return False
-        if run.start_reason not in (None, "MANUAL", "MANUAL_REBUILD"):
-            return False
-        if run.created is None or run.created < sent_at - CLOCK_SKEW:
-            return False
-        return not (
-            req.git_reference_id
-            and run.git_reference_id
-            and run.git_reference_id != req.git_reference_id
-        )
-
-    def _created(self, req: StartRequest, run: BuildRun, *, reconciled: bool) -> Started:
-        self._adopted.add(run.id)
-        ref = BuildRef(
-            build_run_id=run.id,
-            build_number=run.number,
-            workflow_id=req.workflow_id,
-            job=req.job,
-            origin=req.origin,
-        )
-        self._emitter.emit(
-            "build.created",
-            build=ref,
-            event_id=stable_event_id(run.id, "build.created"),
-            reconciled=reconciled,
+    @staticmethod
+    def _new_run(intent: Intent, workflow_id: str, run: BuildRun) -> NewRun:
+        return NewRun(
+            run_id=run.id,
+            number=run.number,
+            workflow_id=workflow_id,
+            job=intent.job,
+            origin=intent.origin,
+            created_at=run.created,
             start_reason=run.start_reason,
+            progress=run.progress,
         )
-        return Started(run=run, ref=ref, reconciled=reconciled)
+
+    async def _reconcile(self, intent: Intent, job: JobConfig | None) -> StepResult:
+        assert intent.workflow_id is not None
+        try:
+            runs = await self._recent_runs(intent)
+        except (ApiError, ApiUnavailable, BadResponse):
+            # Unknown is not no: a read that failed proves nothing. Read again later.
+            return await self._retry(intent)
+        known = await self._store.call(self._db.known_runs, [r.id for r in runs])
+        now = self._now()
+        candidates = [r for r in runs if r.id not in known and _could_be(r, intent, now)]
+        if candidates:
+            # The oldest candidate: a later request's run is newer than ours.
+            run = min(candidates, key=lambda r: (r.number or 0, r.created or self._now()))
+            self._failures.pop(intent.id, None)
+            new = await self._store.call(
+                self._db.record_run,
+                self._new_run(intent, intent.workflow_id, run),
+                intent_id=intent.id,
+                reconciled=True,
+            )
+            if new:
+                return StepResult("done", run.id)
+            return StepResult("waiting")
+        settled_at = (intent.unknown_at or self._now()) + timedelta(seconds=SETTLE_S)
+        if self._now() < settled_at:
+            await self._store.call(
+                self._db.intent_retry, intent.id, next_try=settled_at.timestamp()
+            )
+            return StepResult("waiting")
+        # A successful read, late enough, shows no run this request could have created.
+        if intent.origin != "schedule" and intent.owner != self._owner:
+            await self._store.call(
+                self._db.intent_failed,
+                intent.id,
+                http_status=None,
+                error_code=None,
+                detail="the start's outcome was unknown and no build run appeared",
+            )
+            return StepResult("failed")
+        if intent.origin == "schedule" and self._too_late(intent, job, job is not None):
+            await self._store.call(
+                self._db.intent_failed,
+                intent.id,
+                http_status=None,
+                error_code=None,
+                detail="no build run appeared, and it is now too late to start one",
+            )
+            return StepResult("failed")
+        await self._store.call(
+            self._db.intent_retry, intent.id, next_try=self._clock.time(), resend=True
+        )
+        return StepResult("waiting")
+
+    async def _recent_runs(self, intent: Intent) -> list[BuildRun]:
+        """The workflow's newest runs, back to the oldest that could be this intent's."""
+        assert intent.workflow_id is not None
+        floor = (intent.sent_at or intent.created_at) - CLOCK_SKEW
+        runs: list[BuildRun] = []
+        page = await self._client.get(
+            f"/v1/ciWorkflows/{intent.workflow_id}/buildRuns",
+            {"sort": "-number", "limit": str(RECONCILE_PAGE), "fields[ciBuildRuns]": RUN_FIELDS},
+        )
+        for _ in range(RECONCILE_PAGES):
+            batch = runs_of(page)
+            runs.extend(batch)
+            links = page.get("links")
+            nxt = links.get("next") if isinstance(links, dict) else None
+            oldest = min((r.created for r in batch if r.created), default=None)
+            if not isinstance(nxt, str) or not nxt or oldest is None or oldest < floor:
+                break
+            page = await self._client.get(nxt)
+        return runs
 
 
-def _runs(page: JSON) -> list[BuildRun]:
+def _could_be(run: BuildRun, intent: Intent, now: datetime) -> bool:
+    """Could this run be the one the intent's POST created?"""
+    if run.start_reason not in (None, "MANUAL", "MANUAL_REBUILD"):
+        return False
+    if run.created is None or intent.sent_at is None:
+        return False
+    end = intent.unknown_at or now
+    if not intent.sent_at - CLOCK_SKEW <= run.created <= end + CLOCK_SKEW:
+        return False
+    return not (
+        intent.git_reference_id
+        and run.git_reference_id
+        and run.git_reference_id != intent.git_reference_id
+    )
+
+
+def runs_of(page: JSON) -> list[BuildRun]:
     data = page.get("data")
     if not isinstance(data, list):
         raise BadResponse("App Store Connect sent a build run list without data")
-    return [BuildRun.parse(item) for item in data if isinstance(item, dict)]
+    out = []
+    for item in data:
+        if not isinstance(item, dict):
+            raise BadResponse("App Store Connect sent a build run list with a malformed entry")
+        out.append(BuildRun.parse(item))
+    return out
+
+
+def could_be_pending(
+    windows: list[tuple[datetime, datetime | None]], now: datetime
+) -> Callable[[BuildRun], bool]:
+    """For discovery: is this run possibly one of our starts whose outcome is not settled?"""
+
+    def check(run: BuildRun) -> bool:
+        if run.start_reason not in (None, "MANUAL", "MANUAL_REBUILD") or run.created is None:
+            return bool(windows) and run.created is None
+        return any(
+            sent - CLOCK_SKEW <= run.created <= (unknown or now) + CLOCK_SKEW
+            for sent, unknown in windows
+        )
+
+    return check

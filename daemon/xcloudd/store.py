@@ -1,44 +1,54 @@
-"""The state store: what xcloudd promised and what it did, durable across `kill -9`.
+"""The state store: what xcloudd promised, what it did, and the events that report it.
 
-SQLite in WAL mode with `synchronous=FULL`: a write that a promise depends on is on disk
-before the action it guards (an occurrence before its build is requested, an intent before
-the POST, an event's "emitted" mark right after the event reached the sinks). One process
-writes; `xcloudd status` reads concurrently.
+SQLite in WAL mode with `synchronous=FULL`. Every fact is written together with its event,
+in one transaction: an occurrence decided and its `schedule.*` event, an intent sent and its
+`build.requested`, a run recorded and its `build.created`, a run finished and its
+`build.completed`. Events wait in the `outbox` table until each sink's cursor passes them, so
+nothing is "emitted" from memory and `kill -9` at any instant loses and doubles nothing.
 
-The schema is versioned with `PRAGMA user_version`; each migration runs once, in order.
+One process writes through one connection, from one thread (`AsyncStore`): fsyncs never run
+on the event loop. `xcloudd status` reads concurrently. The schema is versioned with
+`PRAGMA user_version`; each migration runs once, in order.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import sqlite3
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, ParamSpec, TypeVar
 
 from xcloudd.errors import XcloudError
+from xcloudd.events import BuildRef, Event, EventFactory, occurrence_key, origin_of
 
-OccurrenceState = Literal["fired", "skipped", "missed", "held"]
-IntentState = Literal["pending", "done", "failed"]
-Mark = Literal["created", "started", "completed"]
+OccurrenceState = Literal["firing", "fired", "skipped", "missed", "held"]
+# new: decided, not sent yet; sending: the POST may have left; unknown: its outcome is
+# unknown until a successful read of the workflow's runs settles it; the rest are final.
+IntentState = Literal["new", "sending", "unknown", "done", "failed", "missed"]
+OPEN_INTENTS = ("new", "sending", "unknown")
 
 _MIGRATIONS: tuple[str, ...] = (
     """
     CREATE TABLE occurrences (
         job TEXT NOT NULL,
-        planned TEXT NOT NULL,          -- UTC ISO 8601, jitter included
-        state TEXT NOT NULL,            -- fired | skipped | held (overlap = buffer_one)
+        planned TEXT NOT NULL,
+        state TEXT NOT NULL,
         reason TEXT,
         decided_at TEXT NOT NULL,
-        emitted INTEGER NOT NULL DEFAULT 0,  -- its schedule.* event reached the sinks
+        emitted INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (job, planned)
     );
     CREATE TABLE jobs (
         job TEXT PRIMARY KEY,
-        last_planned TEXT NOT NULL      -- newest occurrence decided, for catch-up after downtime
+        last_planned TEXT NOT NULL
     );
     CREATE TABLE intents (
         id TEXT PRIMARY KEY,
@@ -51,7 +61,7 @@ _MIGRATIONS: tuple[str, ...] = (
         rebuild_of TEXT,
         clean INTEGER,
         sent_at TEXT NOT NULL,
-        state TEXT NOT NULL,            -- pending | done | failed
+        state TEXT NOT NULL,
         run_id TEXT
     );
     CREATE TABLE runs (
@@ -75,11 +85,59 @@ _MIGRATIONS: tuple[str, ...] = (
         highest_number INTEGER NOT NULL
     );
     """,
+    # 2: the outbox, sink cursors, and intents that live through resolving, sending and
+    # reconciling (a schedule intent is now recorded before its target is resolved).
+    """
+    ALTER TABLE intents RENAME TO intents_v1;
+    CREATE TABLE intents (
+        id TEXT PRIMARY KEY,
+        job TEXT,
+        planned TEXT,
+        origin TEXT NOT NULL,
+        workflow_id TEXT,
+        git_reference_id TEXT,
+        pull_request_id TEXT,
+        rebuild_of TEXT,
+        clean INTEGER,
+        created_at TEXT NOT NULL,
+        sent_at TEXT,
+        unknown_at TEXT,
+        posts INTEGER NOT NULL DEFAULT 0,
+        next_try REAL NOT NULL DEFAULT 0,
+        state TEXT NOT NULL,
+        run_id TEXT,
+        owner TEXT,
+        updated REAL NOT NULL DEFAULT 0
+    );
+    INSERT INTO intents (id, job, planned, origin, workflow_id, git_reference_id,
+        pull_request_id, rebuild_of, clean, created_at, sent_at, unknown_at, posts, state, run_id)
+        SELECT id, job, planned, origin, workflow_id, git_reference_id, pull_request_id,
+        rebuild_of, clean, sent_at, sent_at, sent_at, 1,
+        CASE state WHEN 'pending' THEN 'unknown' ELSE state END, run_id FROM intents_v1;
+    DROP TABLE intents_v1;
+    CREATE INDEX intents_open ON intents (state);
+    ALTER TABLE runs ADD COLUMN end_reason TEXT;
+    CREATE TABLE outbox (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        event_id TEXT NOT NULL UNIQUE,
+        name TEXT NOT NULL,
+        body BLOB NOT NULL,
+        created REAL NOT NULL
+    );
+    CREATE TABLE sink_cursors (
+        sink TEXT PRIMARY KEY,
+        seq INTEGER NOT NULL
+    );
+    """,
 )
 
 
 class StoreError(XcloudError):
     pass
+
+
+class StoreUnwritable(StoreError):
+    """A write failed (disk full, I/O error, read-only file system): nothing was recorded."""
 
 
 def iso(t: datetime) -> str:
@@ -94,16 +152,59 @@ def parse_iso(text: str) -> datetime:
 class Intent:
     id: str
     job: str | None
-    planned: str | None
+    planned: datetime | None
     origin: str
-    workflow_id: str
+    workflow_id: str | None
     git_reference_id: str | None
     pull_request_id: str | None
     rebuild_of: str | None
     clean: bool | None
-    sent_at: str
-    state: str
+    created_at: datetime
+    sent_at: datetime | None
+    unknown_at: datetime | None
+    posts: int
+    next_try: float
+    state: IntentState
     run_id: str | None
+    owner: str | None
+    updated: float
+
+    @classmethod
+    def from_row(cls, r: sqlite3.Row) -> Intent:
+        def when(key: str) -> datetime | None:
+            return parse_iso(r[key]) if r[key] else None
+
+        return cls(
+            id=r["id"],
+            job=r["job"],
+            planned=when("planned"),
+            origin=r["origin"],
+            workflow_id=r["workflow_id"],
+            git_reference_id=r["git_reference_id"],
+            pull_request_id=r["pull_request_id"],
+            rebuild_of=r["rebuild_of"],
+            clean=None if r["clean"] is None else bool(r["clean"]),
+            created_at=parse_iso(r["created_at"]),
+            sent_at=when("sent_at"),
+            unknown_at=when("unknown_at"),
+            posts=int(r["posts"]),
+            next_try=float(r["next_try"]),
+            state=r["state"],
+            run_id=r["run_id"],
+            owner=r["owner"],
+            updated=float(r["updated"]),
+        )
+
+
+@dataclass(frozen=True)
+class StartRequest:
+    """The resolved ids a start request sends."""
+
+    workflow_id: str
+    git_reference_id: str | None = None
+    pull_request_id: str | None = None
+    rebuild_of: str | None = None
+    clean: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -121,35 +222,88 @@ class RunRecord:
     created_emitted: bool
     started_emitted: bool
     completed_emitted: bool
+    end_reason: str | None
+
+    @property
+    def ref(self) -> BuildRef:
+        origin = origin_of(self.origin)
+        return BuildRef(self.run_id, self.number, self.workflow_id, self.job, origin)
+
+
+@dataclass(frozen=True)
+class NewRun:
+    """A run as first seen: from the POST's answer, a reconcile list, or discovery."""
+
+    run_id: str
+    number: int | None
+    workflow_id: str
+    job: str | None
+    origin: str
+    created_at: datetime | None
+    start_reason: str | None = None
+    progress: str | None = None
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    seq: int
+    event_id: str
+    name: str
+    body: bytes
+
+
+@dataclass(frozen=True)
+class Decision:
+    """How the scheduler's look at one job ended (what the transaction did)."""
+
+    state: OccurrenceState | None  # None: the candidate was decided before
+    intent_id: str | None = None
 
 
 class Store:
-    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+    """Synchronous; call it from one thread only (AsyncStore's, in the daemon)."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path, events: EventFactory) -> None:
         self._conn = conn
         self.path = path
+        self.ev = events
+        # The ids of the events the last transaction put in the outbox (or found there).
+        self.written: list[tuple[str, str]] = []
 
     @classmethod
-    def open(cls, path: Path, *, readonly: bool = False) -> Store:
+    def open(
+        cls,
+        path: Path | None,
+        events: EventFactory,
+        *,
+        readonly: bool = False,
+    ) -> Store:
+        """The store at `path`; None: an in-memory store (a CLI command without a daemon)."""
+        where = path if path is not None else Path(":memory:")
         try:
-            if readonly:
+            if path is None:
+                conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+            elif readonly:
                 if not path.exists():
                     raise StoreError(f"no state store at {path}: has the daemon run yet?")
-                conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+                conn = sqlite3.connect(
+                    f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+                )
             else:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                conn = sqlite3.connect(path, isolation_level=None)
+                conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA busy_timeout=5000")
             conn.row_factory = sqlite3.Row
-            store = cls(conn, path)
+            store = cls(conn, where, events)
             if not readonly:
                 store._migrate()
             return store
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot open the state store {path}: {exc}") from None
+            raise StoreError(f"cannot open the state store {where}: {exc}") from None
         except OSError as exc:
-            raise StoreError(f"cannot open the state store {path}: {exc.strerror}") from None
+            raise StoreError(f"cannot open the state store {where}: {exc.strerror}") from None
 
     def close(self) -> None:
         self._conn.close()
@@ -161,66 +315,70 @@ class Store:
                 f"the state store {self.path} was written by a newer xcloudd (schema {version})"
             )
         for number, script in enumerate(_MIGRATIONS[version:], start=version + 1):
-            with self._tx():
+            with self._tx() as c:
                 for statement in script.split(";"):
                     if statement.strip():
-                        self._conn.execute(statement)
-                self._conn.execute(f"PRAGMA user_version={number}")
+                        c.execute(statement)
+                c.execute(f"PRAGMA user_version={number}")
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        self._conn.execute("BEGIN IMMEDIATE")
+        mark = len(self.written)
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise StoreUnwritable(f"the state store {self.path} cannot be written: {exc}") from None
         try:
             yield self._conn
-        except BaseException:
-            self._conn.execute("ROLLBACK")
+            self._conn.execute("COMMIT")
+        except BaseException as exc:
+            del self.written[mark:]
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.OperationalError | sqlite3.DatabaseError):
+                raise StoreUnwritable(
+                    f"the state store {self.path} cannot be written: {exc}"
+                ) from None
             raise
-        self._conn.execute("COMMIT")
+
+    def _append(self, c: sqlite3.Connection, events: Sequence[Event]) -> None:
+        # Ids already present keep their first body: one id, one event, everywhere.
+        for event in events:
+            c.execute(
+                "INSERT OR IGNORE INTO outbox (event_id, name, body, created) VALUES (?, ?, ?, ?)",
+                (event.event_id, event.name, event.body(), event.timestamp.timestamp()),
+            )
+            self.written.append((event.event_id, event.name))
+
+    def _now(self) -> datetime:
+        return self.ev.now()
+
+    # --- plain events ----------------------------------------------------------------------
+
+    def append(self, events: Sequence[Event]) -> None:
+        """Events that report no recorded fact (api.*, daemon.*, sink.*)."""
+        with self._tx() as c:
+            self._append(c, events)
 
     # --- occurrences -----------------------------------------------------------------------
 
-    def decide(
-        self, job: str, planned: datetime, state: OccurrenceState, reason: str | None = None
-    ) -> bool:
-        """Record how occurrence (job, planned) ends; False if it was decided before."""
-        now = iso(datetime.now(UTC))
+    def last_planned(self, job: str) -> datetime | None:
+        row = self._conn.execute("SELECT last_planned FROM jobs WHERE job = ?", (job,)).fetchone()
+        return None if row is None else parse_iso(row[0])
+
+    def occurrence(self, job: str, planned: datetime) -> str | None:
+        row = self._conn.execute(
+            "SELECT state FROM occurrences WHERE job = ? AND planned = ?", (job, iso(planned))
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def begin_job(self, job: str, now: datetime) -> datetime:
+        """The job's mark: nothing before it is owed. First look: now."""
         with self._tx() as c:
-            # A held occurrence (buffer_one) is still undecided: its decision replaces the hold.
-            cur = c.execute(
-                "INSERT INTO occurrences VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(job, planned)"
-                " DO UPDATE SET state = excluded.state, reason = excluded.reason,"
-                " decided_at = excluded.decided_at, emitted = excluded.emitted"
-                " WHERE occurrences.state = 'held'",
-                (job, iso(planned), state, reason, now, int(state == "held")),
-            )
-            self._advance(c, job, planned)
-            return cur.rowcount == 1
-
-    def held(self) -> list[tuple[str, datetime]]:
-        """Occurrences waiting (buffer_one) for the job's running build, oldest first."""
-        rows = self._conn.execute(
-            "SELECT job, planned FROM occurrences WHERE state = 'held' ORDER BY planned"
-        ).fetchall()
-        return [(r[0], parse_iso(r[1])) for r in rows]
-
-    def occurrence_emitted(self, job: str, planned: datetime) -> None:
-        with self._tx() as c:
-            c.execute(
-                "UPDATE occurrences SET emitted = 1 WHERE job = ? AND planned = ?",
-                (job, iso(planned)),
-            )
-
-    def unannounced(self) -> list[tuple[str, datetime, str, str | None]]:
-        """Occurrences decided by a process that died before emitting their event."""
-        rows = self._conn.execute(
-            "SELECT job, planned, state, reason FROM occurrences WHERE emitted = 0"
-        ).fetchall()
-        return [(r[0], parse_iso(r[1]), r[2], r[3]) for r in rows]
-
-    def decide_missed(self, job: str, newest: datetime) -> None:
-        """Missed occurrences are counted, not stored one by one: only the job's mark moves."""
-        with self._tx() as c:
-            self._advance(c, job, newest)
+            c.execute("INSERT OR IGNORE INTO jobs VALUES (?, ?)", (job, iso(now)))
+        mark = self.last_planned(job)
+        assert mark is not None
+        return mark
 
     @staticmethod
     def _advance(c: sqlite3.Connection, job: str, planned: datetime) -> None:
@@ -230,152 +388,489 @@ class Store:
             (job, iso(planned)),
         )
 
-    def occurrence(self, job: str, planned: datetime) -> str | None:
-        row = self._conn.execute(
+    @staticmethod
+    def _busy(c: sqlite3.Connection, job: str) -> bool:
+        row = c.execute(
+            "SELECT 1 FROM intents WHERE job = ? AND state IN ('new', 'sending', 'unknown')"
+            " UNION ALL SELECT 1 FROM runs WHERE job = ? AND finished = 0 LIMIT 1",
+            (job, job),
+        ).fetchone()
+        return row is not None
+
+    def decide(
+        self,
+        job: str,
+        *,
+        newest: datetime,
+        missed: int,
+        missed_oldest: datetime | None,
+        capped: bool = False,
+        candidate: datetime | None,
+        enabled: bool,
+        overlap: str,
+    ) -> Decision:
+        """One scheduler look at a job, in one transaction: the job's mark moves to `newest`,
+        `missed` occurrences that will never start a build are counted (`schedule.missed`),
+        and `candidate` is fired, skipped or held."""
+        with self._tx() as c:
+            events: list[Event] = []
+            if missed:
+                events.append(
+                    self.ev.make(
+                        "schedule.missed",
+                        subject=occurrence_key(job, newest),
+                        job=job,
+                        count=missed,
+                        oldest=missed_oldest.isoformat() if missed_oldest else None,
+                        capped=capped,
+                    )
+                )
+            decision = Decision(None)
+            if candidate is not None and self._undecided(c, job, candidate):
+                decision = self._decide_one(
+                    c, job=job, planned=candidate, enabled=enabled, overlap=overlap, events=events
+                )
+            self._advance(c, job, newest)
+            self._append(c, events)
+            return decision
+
+    @staticmethod
+    def _undecided(c: sqlite3.Connection, job: str, planned: datetime) -> bool:
+        row = c.execute(
             "SELECT state FROM occurrences WHERE job = ? AND planned = ?", (job, iso(planned))
         ).fetchone()
-        return None if row is None else str(row[0])
+        return row is None
 
-    def last_planned(self, job: str) -> datetime | None:
-        row = self._conn.execute("SELECT last_planned FROM jobs WHERE job = ?", (job,)).fetchone()
-        return None if row is None else parse_iso(row[0])
+    def _decide_one(
+        self,
+        c: sqlite3.Connection,
+        *,
+        job: str,
+        planned: datetime,
+        enabled: bool,
+        overlap: str,
+        events: list[Event],
+    ) -> Decision:
+        state: OccurrenceState
+        reason: str | None = None
+        if not enabled:
+            state, reason = "skipped", "disabled"
+        elif overlap != "allow_all" and self._busy(c, job):
+            held = c.execute(
+                "SELECT 1 FROM occurrences WHERE job = ? AND state = 'held'", (job,)
+            ).fetchone()
+            if overlap == "buffer_one" and held is None:
+                state = "held"
+            else:
+                state, reason = "skipped", "overlap"
+        else:
+            state = "firing"
+        c.execute(
+            "INSERT INTO occurrences VALUES (?, ?, ?, ?, ?, 1)",
+            (job, iso(planned), state, reason, iso(self._now())),
+        )
+        if state == "skipped":
+            events.append(self._skipped(job, planned, reason or ""))
+        intent_id = self._new_intent(c, job, planned) if state == "firing" else None
+        return Decision(state, intent_id)
+
+    def _skipped(self, job: str, planned: datetime, reason: str) -> Event:
+        return self.ev.make(
+            "schedule.skipped",
+            subject=occurrence_key(job, planned),
+            job=job,
+            scheduled_for=planned.isoformat(),
+            reason=reason,
+        )
+
+    def _new_intent(self, c: sqlite3.Connection, job: str, planned: datetime) -> str:
+        intent_id = str(uuid.uuid4())
+        now = self._now()
+        c.execute(
+            "INSERT INTO intents (id, job, planned, origin, created_at, state, updated)"
+            " VALUES (?, ?, ?, 'schedule', ?, 'new', ?)",
+            (intent_id, job, iso(planned), iso(now), now.timestamp()),
+        )
+        return intent_id
+
+    def release_held(self, job: str) -> str | None:
+        """A held occurrence (buffer_one) fires once the job is idle: its intent id, or None."""
+        with self._tx() as c:
+            row = c.execute(
+                "SELECT planned FROM occurrences WHERE job = ? AND state = 'held'", (job,)
+            ).fetchone()
+            if row is None or self._busy(c, job):
+                return None
+            c.execute(
+                "UPDATE occurrences SET state = 'firing' WHERE job = ? AND planned = ?",
+                (job, row[0]),
+            )
+            return self._new_intent(c, job, parse_iso(row[0]))
+
+    def has_held(self, job: str) -> bool:
+        row = self._conn.execute(
+            "SELECT 1 FROM occurrences WHERE job = ? AND state = 'held'", (job,)
+        ).fetchone()
+        return row is not None
+
+    def job_busy(self, job: str) -> bool:
+        return self._busy(self._conn, job)
 
     # --- intents ---------------------------------------------------------------------------
 
-    def record_intent(
-        self,
-        *,
-        job: str | None,
-        planned: datetime | None,
-        decide: bool = False,
-        origin: str,
-        workflow_id: str,
-        git_reference_id: str | None,
-        pull_request_id: str | None,
-        rebuild_of: str | None,
-        clean: bool | None,
-        sent_at: datetime,
-    ) -> str | None:
-        """The start intent, before the POST; with `decide`, atomically with its occurrence
-        being marked "fired" (None if that occurrence was already decided)."""
+    def new_manual_intent(self, target: StartRequest, *, owner: str, job: str | None = None) -> str:
+        """A start asked for by hand (`xcloudd start`), owned by the process that sends it."""
         intent_id = str(uuid.uuid4())
+        now = self._now()
         with self._tx() as c:
-            if decide:
-                assert job is not None
-                assert planned is not None
-                cur = c.execute(
-                    "INSERT INTO occurrences VALUES (?, ?, 'fired', NULL, ?, 0)"
-                    " ON CONFLICT(job, planned) DO UPDATE SET state = 'fired',"
-                    " decided_at = excluded.decided_at WHERE occurrences.state = 'held'",
-                    (job, iso(planned), iso(sent_at)),
-                )
-                if cur.rowcount != 1:
-                    return None
-                self._advance(c, job, planned)
             c.execute(
-                "INSERT INTO intents VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', NULL)",
+                "INSERT INTO intents (id, job, origin, workflow_id, git_reference_id,"
+                " pull_request_id, rebuild_of, clean, created_at, state, owner, updated)"
+                " VALUES (?, ?, 'manual', ?, ?, ?, ?, ?, ?, 'new', ?, ?)",
                 (
                     intent_id,
                     job,
-                    iso(planned) if planned else None,
-                    origin,
-                    workflow_id,
-                    git_reference_id,
-                    pull_request_id,
-                    rebuild_of,
-                    None if clean is None else int(clean),
-                    iso(sent_at),
+                    target.workflow_id,
+                    target.git_reference_id,
+                    target.pull_request_id,
+                    target.rebuild_of,
+                    None if target.clean is None else int(target.clean),
+                    iso(now),
+                    owner,
+                    now.timestamp(),
                 ),
             )
         return intent_id
 
-    def finish_intent(self, intent_id: str, state: IntentState, run_id: str | None = None) -> None:
-        with self._tx() as c:
-            c.execute(
-                "UPDATE intents SET state = ?, run_id = ? WHERE id = ?", (state, run_id, intent_id)
+    def intent(self, intent_id: str) -> Intent | None:
+        row = self._conn.execute("SELECT * FROM intents WHERE id = ?", (intent_id,)).fetchone()
+        return None if row is None else Intent.from_row(row)
+
+    def open_intents(self) -> list[Intent]:
+        rows = self._conn.execute(
+            "SELECT * FROM intents WHERE state IN ('new', 'sending', 'unknown') ORDER BY created_at"
+        ).fetchall()
+        return [Intent.from_row(r) for r in rows]
+
+    def _intent_row(self, c: sqlite3.Connection, intent_id: str) -> Intent:
+        row = c.execute("SELECT * FROM intents WHERE id = ?", (intent_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"no start intent {intent_id}")
+        return Intent.from_row(row)
+
+    def _fired(self, c: sqlite3.Connection, intent: Intent, events: list[Event]) -> None:
+        """A schedule intent's occurrence fires when its start is first sent (or refused)."""
+        if intent.job is None or intent.planned is None:
+            return
+        cur = c.execute(
+            "UPDATE occurrences SET state = 'fired' WHERE job = ? AND planned = ?"
+            " AND state = 'firing'",
+            (intent.job, iso(intent.planned)),
+        )
+        if cur.rowcount:
+            events.append(
+                self.ev.make(
+                    "schedule.fired",
+                    subject=occurrence_key(intent.job, intent.planned),
+                    job=intent.job,
+                    scheduled_for=intent.planned.isoformat(),
+                )
             )
 
-    def pending_intents(self) -> list[Intent]:
+    def intent_sending(self, intent_id: str, target: StartRequest) -> Intent | None:
+        """Just before the POST: the intent is sent (its outcome now needs settling), its
+        occurrence fired, `build.requested` written. None if the intent is no longer new."""
+        now = self._now()
+        with self._tx() as c:
+            intent = self._intent_row(c, intent_id)
+            if intent.state != "new":
+                return None
+            events: list[Event] = []
+            self._fired(c, intent, events)
+            c.execute(
+                "UPDATE intents SET state = 'sending', workflow_id = ?, git_reference_id = ?,"
+                " pull_request_id = ?, rebuild_of = ?, clean = ?, sent_at = ?,"
+                " posts = posts + 1, updated = ? WHERE id = ?",
+                (
+                    target.workflow_id,
+                    target.git_reference_id,
+                    target.pull_request_id,
+                    target.rebuild_of,
+                    None if target.clean is None else int(target.clean),
+                    iso(now),
+                    now.timestamp(),
+                    intent_id,
+                ),
+            )
+            events.append(
+                self.ev.make(
+                    "build.requested",
+                    subject=f"{intent_id}#{intent.posts + 1}",
+                    job=intent.job,
+                    workflow_id=target.workflow_id,
+                    git_reference_id=target.git_reference_id,
+                    pull_request_id=target.pull_request_id,
+                    rebuild_of=target.rebuild_of,
+                    clean=target.clean,
+                    origin=origin_of(intent.origin),
+                )
+            )
+            self._append(c, events)
+            return self._intent_row(c, intent_id)
+
+    def intent_unknown(
+        self, intent_id: str, *, reason: str, http_status: int | None, next_try: float
+    ) -> None:
+        """The POST's outcome is unknown: only a successful read of the runs may settle it."""
+        now = self._now()
+        with self._tx() as c:
+            intent = self._intent_row(c, intent_id)
+            if intent.state not in ("sending", "unknown"):
+                return
+            c.execute(
+                "UPDATE intents SET state = 'unknown', unknown_at = coalesce(unknown_at, ?),"
+                " next_try = ?, updated = ? WHERE id = ?",
+                (iso(now), next_try, now.timestamp(), intent_id),
+            )
+            if intent.state == "sending":
+                self._append(
+                    c,
+                    [
+                        self.ev.make(
+                            "build.start_unknown",
+                            subject=f"{intent_id}#{intent.posts}",
+                            job=intent.job,
+                            workflow_id=intent.workflow_id,
+                            origin=origin_of(intent.origin),
+                            reason=reason,
+                            http_status=http_status,
+                        )
+                    ],
+                )
+
+    def intent_retry(self, intent_id: str, *, next_try: float, resend: bool = False) -> None:
+        """Look again later; with `resend`, a successful read proved that nothing was created,
+        so the start may be sent again (it goes back to "new")."""
+        now = self._now()
+        with self._tx() as c:
+            if resend:
+                c.execute(
+                    "UPDATE intents SET state = 'new', unknown_at = NULL, next_try = ?,"
+                    " updated = ? WHERE id = ? AND state IN ('sending', 'unknown')",
+                    (next_try, now.timestamp(), intent_id),
+                )
+            else:
+                c.execute(
+                    "UPDATE intents SET next_try = ?, updated = ? WHERE id = ?",
+                    (next_try, now.timestamp(), intent_id),
+                )
+
+    def intent_failed(
+        self,
+        intent_id: str,
+        *,
+        http_status: int | None,
+        error_code: str | None,
+        detail: str,
+        pointer: str | None = None,
+    ) -> None:
+        """The start cannot happen (Apple refused it, or a name does not resolve)."""
+        with self._tx() as c:
+            intent = self._intent_row(c, intent_id)
+            if intent.state not in OPEN_INTENTS:
+                return
+            events: list[Event] = []
+            self._fired(c, intent, events)
+            c.execute(
+                "UPDATE intents SET state = 'failed', updated = ? WHERE id = ?",
+                (self._now().timestamp(), intent_id),
+            )
+            events.append(
+                self.ev.make(
+                    "build.start_failed",
+                    subject=intent_id,
+                    job=intent.job,
+                    workflow_id=intent.workflow_id,
+                    origin=origin_of(intent.origin),
+                    http_status=http_status,
+                    error_code=error_code,
+                    detail=detail,
+                    pointer=pointer,
+                )
+            )
+            self._append(c, events)
+
+    def intent_missed(self, intent_id: str, reason: str) -> None:
+        """A start that was never sent and no longer should be (too old, job disabled or gone):
+        its occurrence is counted missed. One already fired ends as a failed start instead."""
+        with self._tx() as c:
+            intent = self._intent_row(c, intent_id)
+            if intent.state != "new":
+                return
+            if intent.job is None or intent.planned is None:
+                fired = True
+            else:
+                cur = c.execute(
+                    "UPDATE occurrences SET state = 'missed', reason = ? WHERE job = ?"
+                    " AND planned = ? AND state = 'firing'",
+                    (reason, intent.job, iso(intent.planned)),
+                )
+                fired = cur.rowcount == 0
+        if fired:
+            self.intent_failed(intent_id, http_status=None, error_code=None, detail=reason)
+            return
+        assert intent.job is not None
+        assert intent.planned is not None
+        with self._tx() as c:
+            c.execute(
+                "UPDATE intents SET state = 'missed', updated = ? WHERE id = ?",
+                (self._now().timestamp(), intent_id),
+            )
+            self._append(
+                c,
+                [
+                    self.ev.make(
+                        "schedule.missed",
+                        subject=occurrence_key(intent.job, intent.planned),
+                        job=intent.job,
+                        count=1,
+                        oldest=intent.planned.isoformat(),
+                        capped=False,
+                        reason=reason,
+                    )
+                ],
+            )
+
+    def pending_windows(self, workflow_id: str) -> list[tuple[datetime, datetime | None]]:
+        """(sent_at, unknown_at) of this workflow's starts whose outcome is not settled: a run
+        created in one of these windows may be ours, not a foreign build."""
         rows = self._conn.execute(
-            "SELECT * FROM intents WHERE state = 'pending' ORDER BY sent_at"
+            "SELECT sent_at, unknown_at FROM intents WHERE workflow_id = ?"
+            " AND state IN ('sending', 'unknown') AND sent_at IS NOT NULL",
+            (workflow_id,),
         ).fetchall()
-        return [
-            Intent(**{**dict(r), "clean": None if r["clean"] is None else bool(r["clean"])})
-            for r in rows
-        ]
+        return [(parse_iso(r[0]), parse_iso(r[1]) if r[1] else None) for r in rows]
 
     # --- runs ------------------------------------------------------------------------------
 
-    def add_run(
-        self,
-        *,
-        run_id: str,
-        number: int | None,
-        workflow_id: str,
-        job: str | None,
-        origin: str,
-        created_at: datetime | None,
-        intent_id: str | None = None,
-        created_emitted: bool = False,
-    ) -> bool:
-        """Remember a run to follow (and finish its intent, atomically); False if known."""
+    def record_run(self, run: NewRun, *, intent_id: str | None, reconciled: bool) -> bool:
+        """A run exists: the one writer of its `build.created` (and of its intent's end).
+        False if the run was known before."""
         with self._tx() as c:
             cur = c.execute(
-                "INSERT OR IGNORE INTO runs (run_id, number, workflow_id, job, origin, created_at,"
-                " first_seen, created_emitted) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO runs (run_id, number, workflow_id, job, origin, progress,"
+                " created_at, first_seen, created_emitted) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1)",
                 (
-                    run_id,
-                    number,
-                    workflow_id,
-                    job,
-                    origin,
-                    iso(created_at) if created_at else None,
-                    iso(datetime.now(UTC)),
-                    int(created_emitted),
+                    run.run_id,
+                    run.number,
+                    run.workflow_id,
+                    run.job,
+                    run.origin,
+                    run.progress,
+                    iso(run.created_at) if run.created_at else None,
+                    iso(self._now()),
                 ),
             )
-            if intent_id is not None:
+            new = cur.rowcount == 1
+            # A reconciled candidate someone else recorded first is not ours to claim; the
+            # POST's own answer always is.
+            if intent_id is not None and (new or not reconciled):
                 c.execute(
-                    "UPDATE intents SET state = 'done', run_id = ? WHERE id = ?",
-                    (run_id, intent_id),
+                    "UPDATE intents SET state = 'done', run_id = ?, updated = ? WHERE id = ?",
+                    (run.run_id, self._now().timestamp(), intent_id),
                 )
-            return cur.rowcount == 1
-
-    def has_pending_intents(self, workflow_id: str) -> bool:
-        row = self._conn.execute(
-            "SELECT 1 FROM intents WHERE workflow_id = ? AND state = 'pending' LIMIT 1",
-            (workflow_id,),
-        ).fetchone()
-        return row is not None
+            if new:
+                ref = BuildRef(
+                    run.run_id, run.number, run.workflow_id, run.job, origin_of(run.origin)
+                )
+                self._append(
+                    c,
+                    [
+                        self.ev.make(
+                            "build.created",
+                            subject=run.run_id,
+                            build=ref,
+                            reconciled=reconciled,
+                            start_reason=run.start_reason,
+                        )
+                    ],
+                )
+            return new
 
     def knows_run(self, run_id: str) -> bool:
         row = self._conn.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         return row is not None
 
-    def mark(self, run_id: str, what: Mark) -> bool:
-        """Note that an event went out; False if it had gone out before (never emit twice)."""
-        column = f"{what}_emitted"
-        with self._tx() as c:
-            cur = c.execute(
-                f"UPDATE runs SET {column} = 1 WHERE run_id = ? AND {column} = 0", (run_id,)
-            )
-            return cur.rowcount == 1
+    def known_runs(self, run_ids: Sequence[str]) -> set[str]:
+        if not run_ids:
+            return set()
+        marks = ",".join("?" * len(run_ids))
+        rows = self._conn.execute(
+            f"SELECT run_id FROM runs WHERE run_id IN ({marks})", tuple(run_ids)
+        ).fetchall()
+        return {r[0] for r in rows}
 
-    def update_run(
+    def observe_run(
         self,
         run_id: str,
         *,
         number: int | None,
         progress: str,
-        completion_status: str | None,
-        finished: bool,
+        started: Event | None,
     ) -> None:
+        """A poll's news about a run still going; `started` is written once."""
         with self._tx() as c:
             c.execute(
-                "UPDATE runs SET number = coalesce(?, number), progress = ?,"
-                " completion_status = ?, finished = ? WHERE run_id = ?",
-                (number, progress, completion_status, int(finished), run_id),
+                "UPDATE runs SET number = coalesce(?, number), progress = ? WHERE run_id = ?"
+                " AND finished = 0",
+                (number, progress, run_id),
             )
+            if started is not None:
+                cur = c.execute(
+                    "UPDATE runs SET started_emitted = 1 WHERE run_id = ? AND started_emitted = 0",
+                    (run_id,),
+                )
+                if cur.rowcount:
+                    self._append(c, [started])
+
+    def finish_run(
+        self,
+        run_id: str,
+        *,
+        number: int | None,
+        progress: str | None,
+        completion_status: str | None,
+        reason: str,
+        events: Sequence[Event],
+    ) -> bool:
+        """The watch on a run ends (completed, expired, gone), with its events, once."""
+        with self._tx() as c:
+            cur = c.execute(
+                "UPDATE runs SET number = coalesce(?, number), progress = coalesce(?, progress),"
+                " completion_status = ?, finished = 1, end_reason = ?,"
+                " completed_emitted = ? WHERE run_id = ? AND finished = 0",
+                (
+                    number,
+                    progress,
+                    completion_status,
+                    reason,
+                    int(reason == "completed"),
+                    run_id,
+                ),
+            )
+            if not cur.rowcount:
+                return False
+            for event in events:
+                if event.name == "build.started":
+                    started = c.execute(
+                        "UPDATE runs SET started_emitted = 1 WHERE run_id = ?"
+                        " AND started_emitted = 0",
+                        (run_id,),
+                    )
+                    if not started.rowcount:
+                        continue
+                self._append(c, [event])
+            return True
 
     def run(self, run_id: str) -> RunRecord | None:
         row = self._conn.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
@@ -393,12 +888,6 @@ class Store:
         ).fetchall()
         return [_run(r) for r in rows]
 
-    def job_in_flight(self, job: str) -> int:
-        row = self._conn.execute(
-            "SELECT count(*) FROM runs WHERE job = ? AND finished = 0", (job,)
-        ).fetchone()
-        return int(row[0])
-
     # --- watched workflows -----------------------------------------------------------------
 
     def cursor(self, workflow_id: str) -> int | None:
@@ -415,9 +904,205 @@ class Store:
                 (workflow_id, highest_number),
             )
 
+    # --- outbox ----------------------------------------------------------------------------
+
+    def outbox_after(self, seq: int, limit: int) -> list[OutboxRow]:
+        rows = self._conn.execute(
+            "SELECT seq, event_id, name, body FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
+            (seq, limit),
+        ).fetchall()
+        return [OutboxRow(r[0], r[1], r[2], bytes(r[3])) for r in rows]
+
+    def outbox_by_ids(self, event_ids: Sequence[str]) -> list[OutboxRow]:
+        if not event_ids:
+            return []
+        marks = ",".join("?" * len(event_ids))
+        rows = self._conn.execute(
+            f"SELECT seq, event_id, name, body FROM outbox WHERE event_id IN ({marks})"
+            " ORDER BY seq",
+            tuple(event_ids),
+        ).fetchall()
+        return [OutboxRow(r[0], r[1], r[2], bytes(r[3])) for r in rows]
+
+    def outbox_end(self) -> int:
+        row = self._conn.execute("SELECT max(seq) FROM outbox").fetchone()
+        return int(row[0] or 0)
+
+    def sink_cursor(self, sink: str) -> int:
+        """Where a sink resumes; a sink seen for the first time starts at the oldest row kept."""
+        row = self._conn.execute("SELECT seq FROM sink_cursors WHERE sink = ?", (sink,)).fetchone()
+        if row is not None:
+            return int(row[0])
+        first = self._conn.execute("SELECT min(seq) FROM outbox").fetchone()[0]
+        start = int(first) - 1 if first is not None else self.outbox_end()
+        with self._tx() as c:
+            c.execute("INSERT OR IGNORE INTO sink_cursors VALUES (?, ?)", (sink, start))
+        return start
+
+    def advance_sink(self, sink: str, seq: int) -> None:
+        with self._tx() as c:
+            c.execute(
+                "INSERT INTO sink_cursors VALUES (?, ?) ON CONFLICT(sink) DO UPDATE SET"
+                " seq = max(seq, excluded.seq)",
+                (sink, seq),
+            )
+
+    def pending_count(self, sink: str) -> int:
+        row = self._conn.execute(
+            "SELECT count(*) FROM outbox WHERE seq > coalesce("
+            "(SELECT seq FROM sink_cursors WHERE sink = ?), 0)",
+            (sink,),
+        ).fetchone()
+        return int(row[0])
+
+    def outbox_size(self) -> int:
+        return int(self._conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
+
+    def prune(
+        self, sinks: Sequence[str], *, max_events: int, max_age: float, now: float
+    ) -> dict[str, int]:
+        """Delete rows every sink has passed; past the bounds, drop the oldest rows even if a
+        sink has not: each such sink's count is reported in a `sink.dropped` event."""
+        with self._tx() as c:
+            cursors = {
+                s: int(r[0])
+                for s in sinks
+                if (r := c.execute("SELECT seq FROM sink_cursors WHERE sink = ?", (s,)).fetchone())
+            }
+            floor = min(cursors.values(), default=None)
+            if floor is not None:
+                c.execute("DELETE FROM outbox WHERE seq <= ?", (floor,))
+            end = int(c.execute("SELECT coalesce(max(seq), 0) FROM outbox").fetchone()[0])
+            by_count = end - max_events
+            old = c.execute(
+                "SELECT max(seq) FROM outbox WHERE created < ?", (now - max_age,)
+            ).fetchone()[0]
+            cut = max(by_count, int(old or 0))
+            dropped: dict[str, int] = {}
+            if cut <= 0:
+                return dropped
+            for sink, seq in cursors.items():
+                if seq < cut:
+                    count = c.execute(
+                        "SELECT count(*) FROM outbox WHERE seq > ? AND seq <= ?", (seq, cut)
+                    ).fetchone()[0]
+                    if count:
+                        dropped[sink] = int(count)
+                    c.execute("UPDATE sink_cursors SET seq = ? WHERE sink = ?", (cut, sink))
+            c.execute("DELETE FROM outbox WHERE seq <= ?", (cut,))
+            self._append(
+                c,
+                [self.ev.make("sink.dropped", sink=s, count=n) for s, n in dropped.items()],
+            )
+            return dropped
+
 
 def _run(row: sqlite3.Row) -> RunRecord:
     d = dict(row)
     for key in ("finished", "created_emitted", "started_emitted", "completed_emitted"):
         d[key] = bool(d[key])
     return RunRecord(**d)
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class AsyncStore:
+    """The store, driven from the event loop: every call runs on one worker thread, in order,
+    so SQLite's fsyncs never stall the loop. Waiters learn of new outbox rows and changed
+    facts through `changed()`."""
+
+    def __init__(self, store: Store) -> None:
+        self.sync = store
+        self._loop = asyncio.get_running_loop()
+        self._queue: list[tuple[Callable[[], Any], Future[Any]]] = []
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._work, name="xcloudd-store", daemon=True)
+        self._thread.start()
+        self._changed = asyncio.Event()
+        self._listeners: list[Callable[[list[tuple[str, str]]], None]] = []
+        self.unwritable: StoreUnwritable | None = None
+        # Calls not answered yet (tests on virtual time wait for none before moving time on).
+        self.inflight = 0
+
+    def on_written(self, listener: Callable[[list[tuple[str, str]]], None]) -> None:
+        """`listener([(event_id, name), ...])` after each call that put events in the outbox."""
+        self._listeners.append(listener)
+
+    def _work(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._closed:
+                    self._cv.wait()
+                if not self._queue:
+                    return
+                fn, fut = self._queue.pop(0)
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                result = fn()
+            except BaseException as exc:
+                self.sync.written = []
+                fut.set_exception(exc)
+                continue
+            ids, self.sync.written = self.sync.written, []
+            if ids:
+                self._loop.call_soon_threadsafe(self._wrote, ids)
+            fut.set_result(result)
+
+    def _wrote(self, ids: list[tuple[str, str]]) -> None:
+        for listener in self._listeners:
+            listener(ids)
+        self.notify()
+
+    def _submit(self, fn: Callable[[], R]) -> Future[R]:
+        fut: Future[R] = Future()
+        with self._cv:
+            if self._closed:
+                raise StoreError("the state store is closed")
+            self._queue.append((fn, fut))
+            self._cv.notify()
+        return fut
+
+    async def call(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run `fn(*args)` (a Store method) on the store's thread."""
+        fut = self._submit(lambda: fn(*args, **kwargs))
+        self.inflight += 1
+        try:
+            result = await asyncio.wrap_future(fut)
+        except StoreUnwritable as exc:
+            self.unwritable = exc
+            raise
+        finally:
+            self.inflight -= 1
+        self.unwritable = None
+        return result
+
+    def post(self, fn: Callable[[], object]) -> Future[object]:
+        """Queue a write without waiting for it (events reported from synchronous code)."""
+        fut: Future[object] = self._submit(fn)
+        self.inflight += 1
+        fut.add_done_callback(lambda _f: self._loop.call_soon_threadsafe(self._posted))
+        return fut
+
+    def _posted(self) -> None:
+        self.inflight -= 1
+        self.notify()
+
+    def notify(self) -> None:
+        self._changed.set()
+
+    def changed(self) -> asyncio.Event:
+        """An event set at the next change; take it before looking, then wait on it."""
+        if self._changed.is_set():
+            self._changed = asyncio.Event()
+        return self._changed
+
+    async def aclose(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        await asyncio.to_thread(self._thread.join, 10.0)
+        self.sync.close()

@@ -2,23 +2,34 @@
 
 Public API:
 
-- `Simulator(scenario, clock, rate_limit)`: the state (world, keys, runs, faults, traffic) and
-  `app()`, the aiohttp application serving Apple's paths plus the `/_sim/` admin API.
+- `Simulator(scenario, clock, rate_limit, keys, traffic_limit, *, seed)`: the state (world, keys,
+  runs, faults, seeded random generator, traffic) and `app()`, the aiohttp application serving
+  Apple's paths plus the `/_sim/` admin API. `seed` defaults to the scenario's (0).
 - `running_simulator(...)`: async context manager serving one on a local port.
 - `serve(listen, scenario_path, state_dir)`: the `xcloudd simulator` command.
-- `Fault`/`FaultAction`: fault rules, added with `sim.faults.add(Fault(...))`.
+- `Fault`/`FaultAction`/`MalformedVariant`: fault rules, added with `sim.faults.add(Fault(...))`
+  (see faults.py for what each action does).
 - `Scenario`, `default_scenario()`, `load_scenario(path)`: the simulated world.
 
 Admin API (no auth; local tool, deliberately outside /v1):
-GET /_sim/info, GET /_sim/runs[?workflow_id=], POST /_sim/runs {"workflow_id",
-"git_reference_id"?, "pull_request_id"?, "start_reason"?, "outcome"?}, GET|POST|DELETE
-/_sim/faults (POST body: Fault fields), GET /_sim/traffic?since=N.
+
+- GET /_sim/info: base URL, key ids, rate limit, clock time, seed.
+- GET /_sim/runs[?workflow_id=]; POST /_sim/runs {"workflow_id", "git_reference_id"?,
+  "pull_request_id"?, "start_reason"?, "outcome"?}: ground truth, builds behind the client's back.
+- POST /_sim/faults with the Fault fields as JSON (all optional; defaults shown):
+  {"action": "status", "method": "*", "path": ".*", "times": 1 (null: always), "status": 503,
+  "code": null, "body": null, "retry_after": null, "probability": 1.0}, plus per action
+  "variant" (malformed, required), "delay" (hang, hang_after_create: 60.0 seconds),
+  "then_drop" (hang: false), "size" (oversize: 100000000 bytes). A bad rule is a 400
+  {"error": "bad fault rule: ..."}. GET lists the active rules with "remaining"; DELETE clears.
+- POST /_sim/seed {"seed": N}: restart the random sequence behind fault probabilities.
+- GET /_sim/traffic?since=N: requests and answers, with the fault (action and rule) applied.
 """
 
 from xcloudd.simulator.apierror import ApiError
 from xcloudd.simulator.auth import ApiKey, generate_key, load_or_create_key, mint_token
 from xcloudd.simulator.core import Simulator
-from xcloudd.simulator.faults import Fault, FaultAction
+from xcloudd.simulator.faults import Fault, FaultAction, MalformedVariant
 from xcloudd.simulator.runs import BuildRun
 from xcloudd.simulator.scenario import (
     Scenario,
@@ -36,6 +47,7 @@ __all__ = [
     "BuildRun",
     "Fault",
     "FaultAction",
+    "MalformedVariant",
     "RunningSimulator",
     "Scenario",
     "Simulator",

@@ -72,6 +72,15 @@ async def admin_faults(request: web.Request) -> web.Response:
     )
 
 
+async def admin_seed(request: web.Request) -> web.Response:
+    sim = request.app[SIM_KEY]
+    seed = (await _admin_json(request)).get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        return _admin_error("seed must be an integer")
+    sim.reseed(seed)
+    return json_response({"seed": sim.seed})
+
+
 async def admin_traffic(request: web.Request) -> web.Response:
     sim = request.app[SIM_KEY]
     try:
@@ -90,6 +99,7 @@ async def admin_info(request: web.Request) -> web.Response:
             "keys": [{"key_id": k.key_id, "issuer_id": k.issuer_id} for k in sim.keys.values()],
             "rate_limit": sim.rate_limiter.limit,
             "now": sim.clock.time(),
+            "seed": sim.seed,
         }
     )
 
@@ -99,4 +109,5 @@ def add_admin_routes(app: web.Application) -> None:
     app.router.add_get("/_sim/runs", admin_runs)
     app.router.add_post("/_sim/runs", admin_start_run)
     app.router.add_route("*", "/_sim/faults", admin_faults)
+    app.router.add_post("/_sim/seed", admin_seed)
     app.router.add_get("/_sim/traffic", admin_traffic)

@@ -9,15 +9,16 @@ from aiohttp import web
 
 from xcloudd.simulator.apierror import ApiError
 from xcloudd.simulator.core import Simulator
+from xcloudd.simulator.faults import Fault
 
 SIM_KEY = web.AppKey("simulator", Simulator)
 
 
 class DropConnection(Exception):
-    """Close the connection without answering."""
+    """Close the connection without answering; `fault` is the rule that asked for it."""
 
-    def __init__(self, fault: str) -> None:
-        super().__init__(fault)
+    def __init__(self, fault: Fault) -> None:
+        super().__init__(str(fault.action))
         self.fault = fault
 
 
@@ -29,7 +30,6 @@ class JsonResponse(web.Response):
             body=orjson.dumps(body), status=status, content_type="application/json", headers=headers
         )
         self.json_body = body
-        self.fault: str | None = None  # the fault rule that shaped this answer, if any
 
 
 def json_response(

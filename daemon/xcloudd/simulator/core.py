@@ -1,7 +1,8 @@
-"""The simulator's state: world, keys, runs, rate budget, fault rules and traffic log."""
+"""The simulator's state: world, keys, runs, rate budget, fault rules, random seed and traffic."""
 
 from __future__ import annotations
 
+import random
 import uuid
 from collections.abc import Sequence
 
@@ -30,6 +31,8 @@ class Simulator:
         rate_limit: int | None = None,
         keys: Sequence[ApiKey] = (),
         traffic_limit: int | None = None,
+        *,
+        seed: int | None = None,
     ) -> None:
         self.scenario = scenario or default_scenario()
         self.clock: Clock = clock or SystemClock()
@@ -39,9 +42,17 @@ class Simulator:
         self.primary_key: ApiKey = next(iter(self.keys.values()))
         self.verifier = TokenVerifier(self.keys)
         self.rate_limiter = RateLimiter(self.clock, rate_limit or self.scenario.rate_limit)
-        self.faults = FaultRules()
+        # One generator for every random choice, so a seed replays a chaos run.
+        self.seed = self.scenario.seed if seed is None else seed
+        self.random = random.Random(self.seed)
+        self.faults = FaultRules(self.random)
         self.traffic = TrafficLog(traffic_limit)
         self.runs = RunStore()
+
+    def reseed(self, seed: int) -> None:
+        """Restart the random sequence (fault probabilities) from `seed`."""
+        self.seed = seed
+        self.random.seed(seed)
 
     # -- keys and tokens -------------------------------------------------------------------------
 

@@ -1,4 +1,7 @@
-"""POST /v1/ciBuildRuns: Apple's body checks (409 with a JSON pointer), then a new run."""
+"""POST /v1/ciBuildRuns: Apple's body checks (409 with a JSON pointer), then a new run.
+
+Faults "after create" act on this route's 201 answer, in the app's middleware.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +10,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from xcloudd.simulator.answers import SIM_KEY, DropConnection, error_response, json_response
+from xcloudd.simulator.answers import SIM_KEY, json_response
 from xcloudd.simulator.apierror import ApiError, entity_error
-from xcloudd.simulator.faults import FaultAction
 from xcloudd.simulator.query import QuerySpec, parse_query
 from xcloudd.simulator.resources import Renderer
 
@@ -113,13 +115,6 @@ async def create_build_run(request: web.Request) -> web.Response:
         rebuild_of=ids.get("buildRun"),
         clean=clean,
     )
-    fault = sim.faults.take(request.method, request.path, after_create=True)
-    if fault is not None:
-        if fault.action is FaultAction.DROP_AFTER_CREATE:
-            raise DropConnection(str(fault.action))
-        failed = error_response(fault.error())
-        failed.fault = str(fault.action)
-        return failed
     renderer = Renderer(sim.scenario, str(request.url.origin()), sim.clock.time(), {})
     self_url = f"{request.url.origin()}/v1/ciBuildRuns/{run.id}"
     return json_response(

@@ -7,6 +7,7 @@ from names (uuid5), so the same file always gives the same ids and a demo config
 Scenario file format (every key optional unless marked required)::
 
     rate_limit = 3600            # requests per key per rolling hour
+    seed = 0                     # for fault rules with a probability: same seed, same faults
     pending_seconds = 1          # default time a new run stays PENDING
     running_seconds = 3          # default time a run stays RUNNING
 
@@ -161,6 +162,7 @@ class Scenario:
     products: tuple[Product, ...]
     rate_limit: int = DEFAULT_RATE_LIMIT
     created_at: float = _EPOCH_CREATED
+    seed: int = 0
 
     # Lookups: small worlds, so linear scans keep the value type simple and frozen.
     def product(self, product_id: str) -> Product | None:
@@ -331,7 +333,9 @@ def _repository(r: _Reader) -> Repository:
 
 def scenario_from_dict(data: Mapping[str, Any], file: str = "<scenario>") -> Scenario:
     """Build a world from parsed TOML; errors name the file and the key."""
-    top = _Reader(file, "", data, {"rate_limit", "pending_seconds", "running_seconds", "products"})
+    top = _Reader(
+        file, "", data, {"rate_limit", "pending_seconds", "running_seconds", "products", "seed"}
+    )
     pending_default = top.seconds("pending_seconds", DEFAULT_PENDING_S)
     running_default = top.seconds("running_seconds", DEFAULT_RUNNING_S)
     products: list[Product] = []
@@ -419,7 +423,9 @@ def scenario_from_dict(data: Mapping[str, Any], file: str = "<scenario>") -> Sce
     if dup is not None:
         raise top.fail("products", f"id {dup} is used twice (same name or same fixed id)")
     return Scenario(
-        products=tuple(products), rate_limit=top.int_("rate_limit", DEFAULT_RATE_LIMIT, 1)
+        products=tuple(products),
+        rate_limit=top.int_("rate_limit", DEFAULT_RATE_LIMIT, 1),
+        seed=top.int_("seed", 0),
     )
 
 

@@ -67,10 +67,12 @@ async def running_simulator(
     *,
     rate_limit: int | None = None,
     traffic_limit: int | None = None,
+    seed: int | None = None,
 ) -> AsyncIterator[RunningSimulator]:
     """Serve a simulator on host:port (0 picks a free port) for the duration of the block.
 
-    `rate_limit` overrides the scenario's; `traffic_limit` bounds the traffic log (benchmarks).
+    `rate_limit` and `seed` override the scenario's; `traffic_limit` bounds the traffic log
+    (benchmarks).
     """
     key = load_or_create_key(state_dir) if state_dir is not None else generate_key()
     sim = Simulator(
@@ -79,6 +81,7 @@ async def running_simulator(
         rate_limit,
         [key],
         traffic_limit=traffic_limit,
+        seed=seed,
     )
     # Quiet (no access log) and quick to stop: tests start and stop many of these.
     runner = web.AppRunner(sim.app(), access_log=None, handle_signals=False, shutdown_timeout=0.5)

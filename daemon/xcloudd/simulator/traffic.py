@@ -6,6 +6,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+from xcloudd.simulator.faults import Fault
+
 
 @dataclass(frozen=True)
 class TrafficEntry:
@@ -19,6 +21,7 @@ class TrafficEntry:
     response_json: Any  # parsed body, None when absent or not JSON
     key_id: str | None  # the authenticated key, None before/without authentication
     fault: str | None = None  # the fault action that shaped this answer, if any
+    fault_rule: Fault | None = None  # the whole rule, for its variant, delay and so on
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -32,6 +35,7 @@ class TrafficEntry:
             "response_json": self.response_json,
             "key_id": self.key_id,
             "fault": self.fault,
+            "fault_rule": None if self.fault_rule is None else self.fault_rule.as_dict(),
         }
 
 
