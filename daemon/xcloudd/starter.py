@@ -48,6 +48,7 @@ ORPHAN_S = 600.0
 RECONCILE_PAGE = 50
 RECONCILE_PAGES = 4
 RETRY_MAX_S = 300.0
+AUTH_RETRY_MAX_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -150,10 +151,10 @@ class Starter:
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self._clock.time(), tz=UTC)
 
-    def _later(self, intent_id: str) -> float:
+    def _later(self, intent_id: str, cap: float = RETRY_MAX_S) -> float:
         """When to try this intent again after trouble: backoff with full jitter."""
         n = self._failures[intent_id] = self._failures.get(intent_id, 0) + 1
-        return self._clock.time() + self._rng.uniform(1.0, min(RETRY_MAX_S, 2.0 ** min(n, 9)))
+        return self._clock.time() + self._rng.uniform(1.0, min(cap, 2.0 ** min(n, 9)))
 
     async def step(
         self, intent: Intent, job: JobConfig | None, *, job_known: bool = True
@@ -206,7 +207,7 @@ class Starter:
             req = await self._request(intent, job)
         except (ResolveError, ApiError) as exc:
             if isinstance(exc, AuthFailed):
-                return await self._retry(intent)
+                return await self._retry(intent, cap=AUTH_RETRY_MAX_S)
             self.errors[intent.id] = exc
             await self._store.call(
                 self._db.intent_failed,
@@ -235,9 +236,20 @@ class Starter:
         assert job is not None
         return await resolve_target(self._resolver, Target.of_job(job))
 
-    async def _retry(self, intent: Intent, *, resend: bool = False) -> StepResult:
+    async def _retry(
+        self,
+        intent: Intent,
+        *,
+        resend: bool = False,
+        refused: bool = False,
+        cap: float = RETRY_MAX_S,
+    ) -> StepResult:
         await self._store.call(
-            self._db.intent_retry, intent.id, next_try=self._later(intent.id), resend=resend
+            self._db.intent_retry,
+            intent.id,
+            next_try=self._later(intent.id, cap),
+            resend=resend,
+            refused=refused,
         )
         return StepResult("waiting")
 
@@ -249,8 +261,9 @@ class Starter:
                 raise BadResponse("App Store Connect accepted the build but sent no build run")
             run = BuildRun.parse(data)
         except AuthFailed:
-            # Refused before anything was created: safe to send again once the key works.
-            return await self._retry(intent, resend=True)
+            # Refused before anything was created: safe to send again once the key works,
+            # which a person fixes at any moment: look again at least once a minute.
+            return await self._retry(intent, resend=True, refused=True, cap=AUTH_RETRY_MAX_S)
         except ApiError as exc:
             first = exc.first
             self.errors[intent.id] = exc
@@ -265,7 +278,7 @@ class Starter:
             return StepResult("failed")
         except ApiUnavailable:
             # The connection never opened: nothing can have been created.
-            return await self._retry(intent, resend=True)
+            return await self._retry(intent, resend=True, refused=True)
         except (OutcomeUnknown, BadResponse) as exc:
             reason = exc.reason if isinstance(exc, OutcomeUnknown) else str(exc)
             status = exc.status if isinstance(exc, OutcomeUnknown) else None

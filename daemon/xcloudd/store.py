@@ -648,16 +648,20 @@ class Store:
                     ],
                 )
 
-    def intent_retry(self, intent_id: str, *, next_try: float, resend: bool = False) -> None:
-        """Look again later; with `resend`, a successful read proved that nothing was created,
-        so the start may be sent again (it goes back to "new")."""
+    def intent_retry(
+        self, intent_id: str, *, next_try: float, resend: bool = False, refused: bool = False
+    ) -> None:
+        """Look again later; with `resend`, nothing was created (a successful read proved it,
+        or the request was `refused` before it could create anything), so the start may be
+        sent again: it goes back to "new". A refused attempt does not count as a POST."""
         now = self._now()
         with self._tx() as c:
             if resend:
                 c.execute(
                     "UPDATE intents SET state = 'new', unknown_at = NULL, next_try = ?,"
-                    " updated = ? WHERE id = ? AND state IN ('sending', 'unknown')",
-                    (next_try, now.timestamp(), intent_id),
+                    " posts = posts - ?, updated = ? WHERE id = ?"
+                    " AND state IN ('sending', 'unknown')",
+                    (next_try, int(refused), now.timestamp(), intent_id),
                 )
             else:
                 c.execute(
