@@ -67,7 +67,7 @@ def every_occurrence_once(world: World, job_name: str, every_s: float) -> None:
     assert len(decided) + sum(e["count"] for e in missed) == planned
 
 
-# --- 1, 5: a POST whose outcome is unknown ---------------------------------------------------
+# --- 1, 5: a POST whose outcome is unknown --------------------------------------------------------
 
 
 async def test_an_unknown_outcome_waits_for_a_successful_read_before_posting_again(
@@ -97,9 +97,7 @@ async def test_an_unreadable_201_is_an_unknown_outcome_and_its_run_is_adopted(
 ) -> None:
     config = world.configure(job("hourly", every="1h"))
     world.sim.sim.faults.add(
-        Fault(
-            FaultAction.MALFORMED, method="POST", path=POST, variant=MalformedVariant.NOT_OBJECT
-        )
+        Fault(FaultAction.MALFORMED, method="POST", path=POST, variant=MalformedVariant.NOT_OBJECT)
     )
     assert await world.run(config, minutes(62)) == ExitCode.OK
     assert posts(world) == [201]
@@ -110,7 +108,7 @@ async def test_an_unreadable_201_is_an_unknown_outcome_and_its_run_is_adopted(
     assert world.events("build.completed")[0]["build_run_id"] == run.id
 
 
-# --- 2: the sweeper, the adoption window, stale intents ----------------------------------------
+# --- 2: the sweeper, the adoption window, stale intents -------------------------------------------
 
 
 async def test_a_build_a_person_starts_later_is_not_adopted_and_is_reported_as_foreign(
@@ -188,7 +186,7 @@ async def test_stale_intents_after_a_restart_are_missed_not_posted(
     assert len(stale) == 60
 
 
-# --- 3, 4: polls that fail --------------------------------------------------------------------
+# --- 3, 4: polls that fail ------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("variant", list(MalformedVariant))
@@ -203,7 +201,11 @@ async def test_a_malformed_poll_answer_neither_kills_the_watch_nor_blocks_the_jo
     fired = world.events("schedule.fired")
     assert len(fired) >= 3, "overlap = skip kept skipping after a bad poll"
     completed = {e["build_run_id"] for e in world.events("build.completed")}
-    assert {r.id for r in world.runs("CI") if r.progress(world.clock.time()).execution_progress == "COMPLETE"} <= completed
+    assert {
+        r.id
+        for r in world.runs("CI")
+        if r.progress(world.clock.time()).execution_progress == "COMPLETE"
+    } <= completed
     assert_each_run_once(world)
 
 
@@ -219,10 +221,12 @@ async def test_a_run_the_api_no_longer_knows_ends_with_watch_ended(world: World)
     assert len(world.events("schedule.fired")) >= 3
 
 
-# --- 6, 7: stalls and restarts ------------------------------------------------------------------
+# --- 6, 7: stalls and restarts --------------------------------------------------------------------
 
 
-async def test_a_stall_accounts_for_every_occurrence(world: World, fake_clock: SteppingClock) -> None:
+async def test_a_stall_accounts_for_every_occurrence(
+    world: World, fake_clock: SteppingClock
+) -> None:
     """12 s stopped (SIGSTOP, suspend, a blocked write): what came due meanwhile is decided on
     the next wake by the catch-up rule, nothing is lost."""
     config = world.configure(job("ci", every="2s", overlap="allow_all", catch_up="1h"))
@@ -259,7 +263,7 @@ async def test_restarts_during_an_outage_count_missed_occurrences_once(
     every_occurrence_once(world, "hourly", 3600)
 
 
-# --- 10: the state store cannot be written -------------------------------------------------------
+# --- 10: the state store cannot be written --------------------------------------------------------
 
 
 async def test_a_full_state_store_refuses_new_starts_and_recovers(world: World) -> None:
@@ -321,7 +325,7 @@ async def test_a_full_state_store_refuses_new_starts_and_recovers(world: World) 
     assert {r.id for r in world.runs("CI") if r.created_at < ended} <= completed
 
 
-# --- 11, 12: credentials and start-up --------------------------------------------------------------
+# --- 11, 12: credentials and start-up -------------------------------------------------------------
 
 
 async def test_rejected_credentials_at_start_up_stop_the_daemon_with_77(world: World) -> None:
@@ -394,7 +398,7 @@ async def test_a_watch_on_a_missing_workflow_is_a_config_error(world: World) -> 
     assert "watches[0]" in str(caught.value)
 
 
-# --- 13: an outage costs few requests --------------------------------------------------------------
+# --- 13: an outage costs few requests -------------------------------------------------------------
 
 
 async def test_an_outage_is_waited_out_with_few_requests(world: World) -> None:
@@ -424,6 +428,8 @@ async def test_an_outage_is_waited_out_with_few_requests(world: World) -> None:
     during = marks[1] - marks[0]
     # 300 s of outage with two jobs and builds in flight: well under one request a second.
     assert during < 100, f"{during} requests during a 300 s outage"
-    recent = [r for r in world.runs("CI") if r.created_at > (T0 + timedelta(seconds=325)).timestamp()]
+    recent = [
+        r for r in world.runs("CI") if r.created_at > (T0 + timedelta(seconds=325)).timestamp()
+    ]
     assert recent, "starts did not resume promptly after the outage"
     assert_each_run_once(world)

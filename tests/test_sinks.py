@@ -50,7 +50,7 @@ async def test_a_write_that_fails_half_way_leaves_whole_lines_and_is_written_aga
     try:
         await sink.write([record(1)])
         size = path.stat().st_size
-        with file_size_limit(size + 150), pytest.raises(OSError):
+        with file_size_limit(size + 150), pytest.raises(OSError, match="too large"):
             await sink.write([record(2), record(3), record(4)])
         # The batch got partly onto the disk, and was cut back to where it began.
         assert path.read_bytes().endswith(b"\n")
