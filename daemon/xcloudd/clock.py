@@ -55,7 +55,7 @@ class SystemClock:
     async def sleep_until(self, wall: float) -> None:
         # asyncio sleeps on the monotonic clock, which stops while the host is suspended and
         # knows nothing of NTP steps: look at the wall clock at least once a minute.
-        while (left := wall - time.time()) > 0:
+        while (left := wall - time.time()) > 0:  # noqa: ASYNC110
             await asyncio.sleep(min(left, WALL_CHECK_S))
 
 

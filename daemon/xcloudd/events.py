@@ -43,8 +43,6 @@ EventName = Literal[
     "sink.failed",
     "sink.recovered",
     "sink.dropped",
-    "state.unwritable",
-    "state.recovered",
 ]
 Level = Literal["debug", "info", "warning", "error"]
 Origin = Literal["schedule", "manual", "watch"]
@@ -124,7 +122,6 @@ _LEVELS: Mapping[EventName, Level] = {
     "daemon.error": "error",
     "sink.failed": "error",
     "sink.dropped": "error",
-    "state.unwritable": "error",
 }
 
 
