@@ -2,8 +2,9 @@
 answers, and build runs with odd fields.
 
 The client talks HTTP to the in-process simulator (fault rules) or to a small aiohttp server
-started here for answers the simulator cannot give; the FakeClock drives every wait, so a
-minute-long outage costs no real time.
+started here for answers the simulator cannot give. The FakeClock drives every wait the client
+makes, so a minute-long outage costs no real time; only aiohttp's own timeout (the "hang" case)
+runs on the real clock, for 50 ms.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ from xcloudd.auth import TokenSigner
 from xcloudd.clock import FakeClock
 from xcloudd.config import SigningKey
 from xcloudd.errors import ExitCode
-from xcloudd.resources import BuildRun
+from xcloudd.resources import RUN_FIELDS, BuildRun
 from xcloudd.simulator import Fault, FaultAction, RunningSimulator, running_simulator
+from xcloudd.simulator.faults import MalformedVariant
 
 if TYPE_CHECKING:
     from xcloudd.events import Emitter
@@ -174,8 +176,8 @@ async def test_a_minute_outage_costs_a_few_requests_and_then_every_caller_is_ans
         failed = [e for e in traffic if e.status == 503]
         succeeded = [e for e in traffic if e.status == 200]
         # The ten first tries were on the wire before any failure was known. After that, one
-        # probe at a time: a handful in a minute, where the callers retrying on their own sent
-        # all their sixty tries and gave up.
+        # probe at a time: a handful in a minute, where ten callers retrying on their own would
+        # have spent their sixty tries and given up.
         probes = failed[10:]
         assert 1 <= len(probes) <= 10, [e.time - began for e in failed]
         assert len({e.time for e in probes}) == len(probes), "probes overlapped"
@@ -270,7 +272,8 @@ async def test_a_caller_that_stops_waiting_hands_the_probe_to_the_next() -> None
         wakeup = clock.next_wakeup()
         assert wakeup is not None
         clock.advance_to(wakeup)
-        answer = await second
+        # A real-time bound only so that a lost hand-over fails instead of hanging.
+        answer = await asyncio.wait_for(second, timeout=10)
         assert answer["data"]
         assert not client.breaker_open
         assert statuses(sim, "GET", "/v1/ciProducts") == [503, 503, 503, 200]
@@ -380,7 +383,8 @@ async def test_a_refused_key_raises_auth_failed_and_reports_it_for_a_poll_a_list
 
     error = caught.value
     assert isinstance(error, ApiError)
-    assert error.exit_code == ExitCode.CREDENTIALS == 77
+    assert error.exit_code == ExitCode.CREDENTIALS
+    assert int(error.exit_code) == 77
     assert error.status == status
     # 403: no second try; 401: one more with a freshly signed token, then no more.
     assert sum(1 for e in sim.sim.traffic.entries if e.status == status) == requests
@@ -408,7 +412,8 @@ async def test_one_expired_token_on_a_post_is_signed_again_and_creates_one_run(
 
 
 class OddServer:
-    """Answers /v1/<case> the way the case says, and counts the body bytes each request got."""
+    """Answers /v1/<case> the way the case says; `sent` is how many bytes of each huge body
+    went out before the client hung up."""
 
     def __init__(self) -> None:
         self.sent: list[int] = []
@@ -460,8 +465,8 @@ class OddServer:
             while sent < total:
                 await resp.write(chunk)
                 sent += len(chunk)
-        except (ConnectionResetError, ConnectionError):
-            pass
+        except ConnectionError:
+            pass  # the client hung up: what matters is how much went out before
         finally:
             self.sent.append(sent)
         return resp
@@ -476,8 +481,11 @@ class OddServer:
             )
         elif case == "not-http":
             transport.write(b"SSH-2.0-OpenSSH_9.2\r\n\xff\xfe garbage\r\n\r\n")
-        transport.close() if case != "drop" else transport.abort()
-        return web.Response(status=500)
+        if case == "drop":
+            transport.abort()
+        else:
+            transport.close()
+        return web.Response(status=500)  # never sent: the connection is gone
 
 
 _JSON = {"Content-Type": "application/json"}
@@ -546,6 +554,31 @@ async def test_a_100_mb_answer_is_refused_without_reading_it(
     assert max(server.sent) < MAX_BODY_BYTES + 24 * MiB, server.sent
     assert peak < 16 * MiB, f"peak {peak / MiB:.0f} MiB"
     assert server.seen[case] == len(server.sent) <= 7  # six tries for the GET, one POST
+
+
+async def test_a_100_mb_poll_answer_from_the_simulator_is_skipped_and_the_next_try_reads_the_run(
+    sim: RunningSimulator, fake_clock: FakeClock
+) -> None:
+    run = sim.sim.start_run(workflow_id(sim))
+    path = f"/v1/ciBuildRuns/{run.id}"
+    sim.sim.faults.add(Fault(FaultAction.OVERSIZE, method="GET", path=path))
+    async with sim_client(sim, fake_clock) as (client, events):
+        answer = await client.get(path)
+    assert answer["data"]["id"] == run.id
+    assert [e.fault for e in sim.sim.traffic.matching("GET", path)] == ["oversize", None]
+    [retrying] = events.of("api.retrying")
+    assert "larger than 8 MiB" in retrying["reason"]
+
+
+async def test_a_100_mb_answer_to_a_start_is_an_unknown_outcome(
+    sim: RunningSimulator, fake_clock: FakeClock
+) -> None:
+    sim.sim.faults.add(Fault(FaultAction.OVERSIZE, method="POST", path=CREATE))
+    async with sim_client(sim, fake_clock) as (client, _events):
+        with pytest.raises(OutcomeUnknown, match="larger than 8 MiB"):
+            await client.post(CREATE, create_body(workflow_id(sim)))
+    # Never sent twice: only a look at the list can tell whether it started a build.
+    assert len(sim.sim.traffic.matching("POST", CREATE)) == 1
 
 
 # -- whatever the server does, only the client's own errors come out ------------------------------
@@ -661,6 +694,72 @@ def test_unknown_values_are_kept_and_never_end_a_watch() -> None:
     assert run.progress in ("PENDING", "RUNNING")
     assert run.completion_status == "TIMED_OUT"
     assert run.number is None
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        MalformedVariant.UNKNOWN_ENUM,
+        MalformedVariant.NAIVE_DATE,
+        MalformedVariant.BAD_RELATIONSHIP,
+        MalformedVariant.MISSING_OPTIONAL,
+    ],
+)
+async def test_every_run_of_a_list_with_odd_fields_is_still_read(
+    sim: RunningSimulator, fake_clock: FakeClock, variant: MalformedVariant
+) -> None:
+    workflow = workflow_id(sim)
+    runs = []
+    for _ in range(3):
+        runs.append(sim.sim.start_run(workflow))
+        fake_clock.advance(5)
+    path = f"/v1/ciWorkflows/{workflow}/buildRuns"
+    sim.sim.faults.add(Fault(FaultAction.MALFORMED, method="GET", path=path, variant=variant))
+    async with sim_client(sim, fake_clock) as (client, _events):
+        page = await client.get(path, {"sort": "-number", "fields[ciBuildRuns]": RUN_FIELDS})
+    assert sim.sim.traffic.matching("GET", path)[0].fault == "malformed"
+
+    parsed = [BuildRun.parse(item) for item in page["data"]]
+    newest_first = runs[::-1]
+    assert [r.id for r in parsed] == [r.id for r in newest_first]
+    if variant is MalformedVariant.NAIVE_DATE:
+        created = [datetime.fromtimestamp(r.created_at, tz=UTC) for r in newest_first]
+        assert [r.created for r in parsed] == created
+    if variant is MalformedVariant.UNKNOWN_ENUM:
+        # Kept as given, and a progress Apple never listed keeps the run watched.
+        assert {r.completion_status for r in parsed} == {"PARTIALLY_SUCCEEDED"}
+        assert {r.start_reason for r in parsed} == {"EXTERNAL_TRIGGER"}
+        assert {r.progress for r in parsed} <= {"PENDING", "RUNNING"}
+    if variant is MalformedVariant.BAD_RELATIONSHIP:
+        assert [r.workflow_id for r in parsed] == [None] * 3
+        assert [r.number for r in parsed] == [r.number for r in newest_first]
+    if variant is MalformedVariant.MISSING_OPTIONAL:
+        assert [(r.number, r.created) for r in parsed] == [(None, None)] * 3
+
+
+async def test_a_poll_whose_data_is_not_a_run_is_one_bad_response(
+    sim: RunningSimulator, fake_clock: FakeClock
+) -> None:
+    run = sim.sim.start_run(workflow_id(sim))
+    path = f"/v1/ciBuildRuns/{run.id}"
+    sim.sim.faults.add(
+        Fault(FaultAction.MALFORMED, method="GET", path=path, variant=MalformedVariant.NOT_OBJECT)
+    )
+    sim.sim.faults.add(
+        Fault(FaultAction.MALFORMED, method="GET", path=path, variant=MalformedVariant.BAD_JSON)
+    )
+    async with sim_client(sim, fake_clock) as (client, _events):
+        first = await client.get(path)
+        with pytest.raises(BadResponse, match="malformed ciBuildRuns"):
+            BuildRun.parse(first["data"])
+        # An HTML page labelled JSON is retried like any transient trouble.
+        second = await client.get(path)
+    assert BuildRun.parse(second["data"]).id == run.id
+    assert [e.fault for e in sim.sim.traffic.matching("GET", path)] == [
+        "malformed",
+        "malformed",
+        None,
+    ]
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from conftest import SteppingClock, schema_problems
+from world import settle
 from xcloudd import commands
 from xcloudd.api import ApiError, RateLimit
 from xcloudd.clock import FakeClock
@@ -522,8 +523,7 @@ async def test_a_poke_polls_now_without_doubling_the_cadence(tmp_path: Path) -> 
             await until(lambda: len(poll_times(sim, run.id)) == 2)
             for second in range(11, 200):
                 clock.advance_to(start + second)
-                for _ in range(50):
-                    await asyncio.sleep(0)
+                await settle(rt)
         finally:
             loop.cancel()
             await asyncio.gather(loop, return_exceptions=True)

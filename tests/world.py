@@ -27,19 +27,19 @@ from xcloudd.errors import ExitCode
 from xcloudd.runtime import Runtime, build_sinks, open_runtime
 from xcloudd.simulator import RunningSimulator
 from xcloudd.simulator.runs import BuildRun
-from xcloudd.store import AsyncStore
 
 # An hour boundary: every="1s"/"2s"/"1h" instants fall on whole multiples after it.
 T0 = datetime(2026, 9, 1, 8, 0, tzinfo=UTC)
 SETTLE_PASSES = 50
 
 
-async def settle(store: AsyncStore | None = None) -> None:
-    """Let the event loop, and the store's thread, finish what they can do at this instant."""
+async def settle(rt: Runtime | None = None) -> None:
+    """Let the event loop, the store's thread and requests on the wire finish what they can do
+    at this instant."""
     while True:
         for _ in range(SETTLE_PASSES):
             await asyncio.sleep(0)
-        if store is None or store.inflight == 0:
+        if rt is None or (rt.store.inflight == 0 and rt.client.exchanging == 0):
             return
         await asyncio.sleep(0.001)
 
@@ -47,14 +47,14 @@ async def settle(store: AsyncStore | None = None) -> None:
 class Pump:
     """Runs one Daemon on the stepping clock; `until(t)` lets virtual time reach t."""
 
-    def __init__(self, clock: SteppingClock, daemon: Daemon, store: AsyncStore) -> None:
+    def __init__(self, clock: SteppingClock, daemon: Daemon, rt: Runtime) -> None:
         self.clock = clock
         self.daemon = daemon
-        self.store = store
+        self.rt = rt
         self.task = asyncio.create_task(daemon.run())
 
     async def _step(self, limit: float) -> None:
-        await settle(self.store)
+        await settle(self.rt)
         wake = self.clock.next_wakeup()
         self.clock.advance_to(limit if wake is None else min(wake, limit))
 
@@ -62,7 +62,7 @@ class Pump:
         end = instant.timestamp() if isinstance(instant, datetime) else instant
         while self.clock.time() < end and not self.task.done():
             await self._step(end)
-        await settle(self.store)
+        await settle(self.rt)
         if self.task.done():
             self.task.result()  # the daemon's own error, if it stopped with one
             raise AssertionError("the daemon ended on its own")
@@ -70,7 +70,7 @@ class Pump:
     async def stop(self) -> ExitCode:
         self.daemon.stop()
         for round_ in itertools.count():
-            await settle(self.store)
+            await settle(self.rt)
             if self.task.done():
                 break
             if round_ >= 20:
@@ -107,7 +107,7 @@ class World:
         """Run one daemon process: each step is an instant to reach, or a callable to call."""
         async with open_runtime(config, sinks=build_sinks(config.sinks), clock=self.clock) as rt:
             self.rt = rt
-            pump = Pump(self.clock, Daemon(rt), rt.store)
+            pump = Pump(self.clock, Daemon(rt), rt)
             for step in steps:
                 if callable(step):
                     step()

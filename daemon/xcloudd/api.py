@@ -467,6 +467,8 @@ class AscClient:
         self._breaker = CircuitBreaker(clock, emitter, self._rng)
         self._last_success: float | None = None
         self.requests = 0
+        # Requests on the wire now (tests on virtual time wait for none before moving time).
+        self.exchanging = 0
 
     @property
     def last_success(self) -> float | None:
@@ -544,8 +546,10 @@ class AscClient:
         """One request through the circuit breaker and the budget."""
         probe = await self._breaker.admit()
         settled = False
+        held: float | None = None
         try:
             held = await self.budget.acquire()
+            self.exchanging += 1
             try:
                 answer = await self._exchange(call)
             except (_Trouble, BadResponse) as exc:
@@ -564,6 +568,8 @@ class AscClient:
                 self.budget.unthrottled()
             return answer
         finally:
+            if held is not None:
+                self.exchanging -= 1
             if not settled:
                 self._breaker.abandon(probe)
 
@@ -634,8 +640,12 @@ class AscClient:
                 reason = f"HTTP {status}"
                 given = retry_after(answer.headers, self._clock.time())
             last = attempt >= self._retry.attempts
-            delay: float | None = given
-            if delay is None and not (self._breaker.is_open and status != 429):
+            delay: float | None
+            if given is not None:
+                delay = given
+            elif self._breaker.is_open and status != 429:
+                delay = None  # the open breaker times the next try
+            else:
                 delay = 0.0 if last else self._retry.backoff(attempt, self._rng)
             if status == 429:
                 self.budget.throttled(delay or 0.0)
@@ -648,7 +658,7 @@ class AscClient:
                     f" (last: {reason})"
                 )
             if delay is None:
-                continue  # the open breaker times the next try, and has reported the outage
+                continue  # and it has reported the outage: nothing to say per caller
             self._emitter.emit(
                 "api.retrying",
                 http_status=status,
@@ -773,7 +783,7 @@ def _transport_reason(exc: BaseException) -> str:
     # ClientConnectorError is a ClientOSError: test it first.
     if isinstance(exc, aiohttp.ClientConnectorError):
         return f"cannot connect: {exc.os_error.strerror or exc.os_error}"
-    if isinstance(exc, aiohttp.ServerDisconnectedError | ConnectionError | EOFError | OSError):
+    if isinstance(exc, aiohttp.ServerDisconnectedError | OSError | EOFError):
         return "connection reset"
     if isinstance(exc, aiohttp.ClientPayloadError):
         return "the answer was cut off or garbled"
