@@ -126,6 +126,8 @@ class World:
             end = conn.execute("SELECT coalesce(max(seq), 0) FROM outbox").fetchone()[0]
         finally:
             conn.close()
+        strays = [e for e in self.events("daemon.error") if e["where"] == "event loop"]
+        assert strays == [], f"an exception escaped a task or callback: {strays}"
         delivered = {e["event_id"] for e in self.events()}
         assert {r[0] for r in left} <= delivered
         assert all(c[0] == end for c in cursor), "a sink was left behind at shutdown"
