@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import random
 import signal
@@ -120,18 +121,16 @@ class Daemon:
             await self._resolve_watch(watch, at_start=True)
 
     async def _resolve_watch(self, watch: _Watch, *, at_start: bool) -> None:
+        """The watched workflow's id. One that does not exist is a config error; an outage (or
+        a refused key, after start-up) leaves it to the watch loop to try again."""
         rt = self._rt
         try:
             watch.workflow = await rt.resolver.workflow(watch.config.workflow, watch.config.product)
-        except (ResolveError, ApiError) as exc:
-            if isinstance(exc, AuthFailed):
-                if at_start:
-                    raise
-                return
-            error = ConfigError.at(str(rt.config.path), f"watches[{watch.index}]", str(exc))
+        except AuthFailed:
             if at_start:
-                raise error from None
-            raise error from None
+                raise
+        except (ResolveError, ApiError) as exc:
+            raise ConfigError.at(str(rt.config.path), f"watches[{watch.index}]", str(exc)) from None
         except (ApiUnavailable, BadResponse):
             if not at_start:
                 raise
@@ -146,7 +145,7 @@ class Daemon:
         sup.spawn("intents", self._sweeper.run)
         sup.spawn("follower", self.follower.run)
         for watch in self._watches:
-            sup.spawn(f"watch {watch.index}", lambda w=watch: self._watch_loop(w))  # type: ignore[misc]
+            sup.spawn(f"watch {watch.index}", functools.partial(self._watch_loop, watch))
         sup.spawn("prune", self._prune_loop)
 
     async def _watch_loop(self, watch: _Watch) -> None:

@@ -176,21 +176,11 @@ class Emitter:
     def __init__(self, factory: EventFactory, write: Callable[[Event], None]) -> None:
         self.factory = factory
         self._write = write
-        self._observers: list[Callable[[Event], None]] = []
-
-    def observe(self, observer: Callable[[Event], None]) -> None:
-        """Tests: see every event as it is handed to the outbox."""
-        self._observers.append(observer)
 
     def emit(self, name: EventName, **fields: Any) -> Event:
         event = self.factory.make(name, **fields)
-        self.handle(event)
-        return event
-
-    def handle(self, event: Event) -> None:
-        for observer in self._observers:
-            observer(event)
         self._write(event)
+        return event
 
 
 __all__ = [

@@ -83,16 +83,11 @@ class Follower:
         self._rescan = 0.0
         self._new_runs = asyncio.Event()
         store.on_written(self._on_written)
-        self.polls = 0
 
     def _on_written(self, rows: list[tuple[str, str]]) -> None:
         if any(name == "build.created" for _, name in rows):
             self._new_runs.set()
             self._wake.set()
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._runs)
 
     def poke(self, build_run_id: str) -> bool:
         """Look at this run now (a webhook hint); False if it is not being followed."""
@@ -194,7 +189,6 @@ class Follower:
         run_id = tracked.ref.build_run_id
         began = self._clock.monotonic()
         try:
-            self.polls += 1
             try:
                 ended = await self._poll_once(tracked)
             except NotFound:

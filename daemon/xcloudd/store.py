@@ -513,9 +513,6 @@ class Store:
         ).fetchone()
         return row is not None
 
-    def job_busy(self, job: str) -> bool:
-        return self._busy(self._conn, job)
-
     # --- intents ---------------------------------------------------------------------------
 
     def new_manual_intent(self, target: StartRequest, *, owner: str, job: str | None = None) -> str:
@@ -800,10 +797,6 @@ class Store:
                     ],
                 )
             return new
-
-    def knows_run(self, run_id: str) -> bool:
-        row = self._conn.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-        return row is not None
 
     def known_runs(self, run_ids: Sequence[str]) -> set[str]:
         if not run_ids:
