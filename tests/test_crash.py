@@ -7,117 +7,29 @@ random moments and started again on the same state store and event file.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import random
 import signal
-import socket
 import sqlite3
-import subprocess
-import sys
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
+
+from procs import add_fault, in_flight, read_events, sim_runs, simulator_process, start_daemon
 
 SEED = 20261130
 KILLS = 9
 DEADLINE_S = 45.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def simulator(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """(URL, client config path) of an `xcloudd simulator` process."""
-    state = tmp_path / "sim"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "xcloudd",
-            "simulator",
-            "--listen",
-            f"127.0.0.1:{free_port()}",
-            "--state-dir",
-            str(state),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        url = None
-        for line in proc.stdout:
-            if "stand-in at " in line:
-                url = line.rsplit("stand-in at ", 1)[1].strip()
-                break
-        assert url, "the simulator did not print its URL"
-        yield url, state / "client" / "config.toml"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
-
-
-def sim_runs(url: str) -> list[dict[str, Any]]:
-    with urllib.request.urlopen(f"{url}/_sim/runs", timeout=10) as answer:
-        runs: list[dict[str, Any]] = json.load(answer)["runs"]
-    return runs
-
-
-def add_fault(url: str, **fault: Any) -> None:
-    request = urllib.request.Request(
-        f"{url}/_sim/faults",
-        data=json.dumps(fault).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    with urllib.request.urlopen(request, timeout=10) as answer:
-        assert answer.status < 300
-
-
-def start_daemon(config: Path, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "xcloudd", "--config", str(config), "run"],
-            stdout=subprocess.DEVNULL,
-            stderr=out,
-        )
-
-
-def in_flight(state_path: Path) -> int:
-    """Runs not finished plus starts whose outcome is not known yet, from the state store."""
-    conn = sqlite3.connect(state_path)
-    try:
-        runs = conn.execute("SELECT count(*) FROM runs WHERE finished = 0").fetchone()[0]
-        intents = conn.execute("SELECT count(*) FROM intents WHERE state = 'pending'").fetchone()
-    finally:
-        conn.close()
-    return int(runs) + int(intents[0])
-
-
-def read_events(path: Path) -> list[dict[str, Any]]:
-    events = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            events.append(json.loads(line))
-    return events
+    with simulator_process(tmp_path / "sim") as running:
+        yield running
 
 
 def test_kill_9_loses_and_duplicates_nothing(simulator: tuple[str, Path], tmp_path: Path) -> None:

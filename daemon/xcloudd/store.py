@@ -966,6 +966,9 @@ class Store:
                 for s in sinks
                 if (r := c.execute("SELECT seq FROM sink_cursors WHERE sink = ?", (s,)).fetchone())
             }
+            if not sinks:
+                c.execute("DELETE FROM outbox")  # nobody will ever read them
+                return {}
             floor = min(cursors.values(), default=None)
             if floor is not None:
                 c.execute("DELETE FROM outbox WHERE seq <= ?", (floor,))
