@@ -147,20 +147,14 @@ async def workflows(rt: Runtime, out: TextIO, *, as_json: bool) -> ExitCode:
 
 
 def upcoming_for(job: JobConfig, after: datetime, count: int) -> tuple[str, list[datetime]]:
-    from xcloudd.schedule import build_schedule, upcoming
-
-    schedule = build_schedule(
-        job_name=job.name,
-        cron=job.cron,
-        every=job.every,
-        at=job.at,
-        timezone=job.timezone,
-        jitter=job.jitter,
-    )
-    if schedule is None:
-        return "manual only", []
     from zoneinfo import ZoneInfo
 
+    from xcloudd.schedule import upcoming
+    from xcloudd.scheduler import job_schedule
+
+    schedule = job_schedule(job)
+    if schedule is None:
+        return "manual only", []
     zone = ZoneInfo(job.timezone)
     return schedule.describe(), [t.astimezone(zone) for t in upcoming(schedule, after, count)]
 

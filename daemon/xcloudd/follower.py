@@ -22,7 +22,7 @@ from typing import Any
 from xcloudd.api import ApiError, ApiUnavailable, AscClient, AuthFailed, BadResponse, NotFound
 from xcloudd.clock import Clock, wait_first
 from xcloudd.config import PollingConfig
-from xcloudd.events import RESULTS, BuildRef, Event, EventFactory
+from xcloudd.events import RESULTS, BuildRef, Event, EventFactory, EventName
 from xcloudd.resources import RUN_FIELDS, BuildRun
 from xcloudd.store import AsyncStore, RunRecord, parse_iso
 
@@ -342,40 +342,30 @@ class Follower:
 
     async def _end(self, tracked: _Tracked, reason: str) -> bool:
         """The API says the run is gone (or refuses to show it): the watch ends, on record."""
-        event = self._ev.make(
-            "build.watch_ended",
-            subject=tracked.ref.build_run_id,
-            build=tracked.ref,
-            reason=reason,
-            last_progress=tracked.progress,
+        return await self._give_up(
+            tracked, reason, "build.watch_ended", reason=reason, last_progress=tracked.progress
         )
-        await self._store.call(
-            self._db.finish_run,
-            tracked.ref.build_run_id,
-            number=None,
-            progress=None,
-            completion_status=None,
-            reason=reason,
-            events=[event],
-        )
-        return True
 
     async def _expire(self, tracked: _Tracked) -> bool:
-        event = self._ev.make(
+        return await self._give_up(
+            tracked,
+            "expired",
             "build.watch_expired",
-            subject=tracked.ref.build_run_id,
-            build=tracked.ref,
             last_progress=tracked.progress,
             result="timeout",
             give_up_after_s=self._polling.give_up_after,
         )
+
+    async def _give_up(self, tracked: _Tracked, end: str, name: EventName, **fields: Any) -> bool:
+        run_id = tracked.ref.build_run_id
+        event = self._ev.make(name, subject=run_id, build=tracked.ref, **fields)
         await self._store.call(
             self._db.finish_run,
-            tracked.ref.build_run_id,
+            run_id,
             number=None,
             progress=None,
             completion_status=None,
-            reason="expired",
+            reason=end,
             events=[event],
         )
         return True

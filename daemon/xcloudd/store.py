@@ -206,6 +206,17 @@ class StartRequest:
     rebuild_of: str | None = None
     clean: bool | None = None
 
+    def columns(self) -> tuple[str, str | None, str | None, str | None, int | None]:
+        """workflow_id, git_reference_id, pull_request_id, rebuild_of, clean, as stored."""
+        clean = None if self.clean is None else int(self.clean)
+        return (
+            self.workflow_id,
+            self.git_reference_id,
+            self.pull_request_id,
+            self.rebuild_of,
+            clean,
+        )
+
 
 @dataclass(frozen=True)
 class RunRecord:
@@ -524,18 +535,7 @@ class Store:
                 "INSERT INTO intents (id, job, origin, workflow_id, git_reference_id,"
                 " pull_request_id, rebuild_of, clean, created_at, state, owner, updated)"
                 " VALUES (?, ?, 'manual', ?, ?, ?, ?, ?, ?, 'new', ?, ?)",
-                (
-                    intent_id,
-                    job,
-                    target.workflow_id,
-                    target.git_reference_id,
-                    target.pull_request_id,
-                    target.rebuild_of,
-                    None if target.clean is None else int(target.clean),
-                    iso(now),
-                    owner,
-                    now.timestamp(),
-                ),
+                (intent_id, job, *target.columns(), iso(now), owner, now.timestamp()),
             )
         return intent_id
 
@@ -588,16 +588,7 @@ class Store:
                 "UPDATE intents SET state = 'sending', workflow_id = ?, git_reference_id = ?,"
                 " pull_request_id = ?, rebuild_of = ?, clean = ?, sent_at = ?,"
                 " posts = posts + 1, updated = ? WHERE id = ?",
-                (
-                    target.workflow_id,
-                    target.git_reference_id,
-                    target.pull_request_id,
-                    target.rebuild_of,
-                    None if target.clean is None else int(target.clean),
-                    iso(now),
-                    now.timestamp(),
-                    intent_id,
-                ),
+                (*target.columns(), iso(now), now.timestamp(), intent_id),
             )
             events.append(
                 self.ev.make(
