@@ -80,6 +80,12 @@ def sim_runs(url: str) -> list[dict[str, Any]]:
     return runs
 
 
+def sim_traffic(url: str) -> list[dict[str, Any]]:
+    """Every request the simulator answered (or dropped), with the fault rule that shaped it."""
+    traffic: list[dict[str, Any]] = _admin(url, "/_sim/traffic", "GET")["traffic"]
+    return traffic
+
+
 def add_fault(url: str, **fault: Any) -> None:
     _admin(url, "/_sim/faults", "POST", fault)
 
