@@ -21,7 +21,7 @@ from xcloudd.errors import ConfigError, ExitCode
 from xcloudd.events import EventFactory
 from xcloudd.simulator import Fault, FaultAction, RunningSimulator
 from xcloudd.simulator.faults import MalformedVariant
-from xcloudd.store import Store
+from xcloudd.store import StartRequest, Store
 
 LISTS = r"/v1/ciWorkflows/[^/]+/buildRuns"
 POLL = r"/v1/ciBuildRuns/[^/]+"
@@ -433,3 +433,89 @@ async def test_an_outage_is_waited_out_with_few_requests(world: World) -> None:
     ]
     assert recent, "starts did not resume promptly after the outage"
     assert_each_run_once(world)
+
+
+# --- found by the chaos test ----------------------------------------------------------------------
+
+
+def prepared_store(world: World, config_path: Path, at_time: float) -> Store:
+    return Store.open(config_path, EventFactory(FakeClock(at_time)))
+
+
+async def test_a_start_cut_off_before_its_post_does_not_take_another_starts_build(
+    world: World,
+) -> None:
+    """Start a's POST created run #1 and its answer was lost; start b was being sent when the
+    process died (its POST never arrived). After the restart, #1 is a's, and b sends again."""
+    config = world.configure(
+        job("a", every="6h", overlap="allow_all", catch_up="2h")
+        + job("b", every="6h", overlap="allow_all", catch_up="2h")
+    )
+    planned = T0 - timedelta(minutes=1)
+    t0 = T0.timestamp()
+    ci = world.workflow_id("CI")
+    main = world.sim.sim.scenario.reference_named(
+        world.sim.sim.scenario.workflow_named("CI").repository_id, "main", "BRANCH"
+    ).id
+    request = StartRequest(ci, main)
+    ids = {}
+    for name, sent in (("a", t0 - 1), ("b", t0 + 0.5)):
+        store = prepared_store(world, config.state.path, sent)
+        store.begin_job(name, planned - timedelta(minutes=1))
+        decision = store.decide(
+            name,
+            newest=planned,
+            missed=0,
+            missed_oldest=None,
+            candidate=planned,
+            enabled=True,
+            overlap="allow_all",
+        )
+        assert decision.intent_id is not None
+        ids[name] = decision.intent_id
+        store.intent_sending(decision.intent_id, request)
+        if name == "a":
+            # a looks again only later: b, just restarted, reconciles first.
+            store.intent_unknown(
+                decision.intent_id, reason="reset", http_status=None, next_try=t0 + 20
+            )
+        store.close()
+    first = world.sim.sim.start_run(ci, main, start_reason="MANUAL")  # a's POST, at t0
+    await world.run(config, T0 + timedelta(seconds=30))
+    runs = {job_name: run_id for job_name, _, state, run_id in world.intents() if state == "done"}
+    assert runs["a"] == first.id
+    assert runs["b"] not in (None, first.id)
+    assert len(world.runs("CI")) == 2
+    assert_each_run_once(world)
+
+
+async def test_a_run_list_that_cannot_be_read_fully_justifies_no_second_post(
+    world: World,
+) -> None:
+    config = world.configure(job("hourly", every="1h", catch_up="1h"))
+    world.sim.sim.faults.add(Fault(FaultAction.DROP_AFTER_CREATE, method="POST", path=POST))
+    for variant in (MalformedVariant.MISSING_OPTIONAL, MalformedVariant.UNKNOWN_ENUM):
+        world.sim.sim.faults.add(
+            Fault(FaultAction.MALFORMED, method="GET", path=LISTS, variant=variant, times=4)
+        )
+    await world.run(config, minutes(70))
+    assert len(posts(world)) == 1
+    (run,) = world.runs("CI")
+    assert [e["build_run_id"] for e in world.events("build.created")] == [run.id]
+
+
+async def test_a_held_occurrence_of_a_job_that_was_removed_is_counted_missed(
+    world: World,
+) -> None:
+    buffered = job("ci", every="1s", overlap="buffer_one")
+    config = world.configure(buffered)
+    await world.run(config, T0 + timedelta(seconds=2.5))
+    held = [r for r in world.intents() if r[2] == "new"]
+    assert held == []  # the one held occurrence waits in `occurrences`, not as an intent
+    config = world.configure(job("other", every="1h"))
+    await world.run(config, T0 + timedelta(seconds=10))
+    fired = [at(e["scheduled_for"]) for e in world.events("schedule.fired")]
+    (missed,) = [e for e in world.events("schedule.missed") if e["job"] == "ci"]
+    assert fired == [T0 + timedelta(seconds=1)]
+    assert (at(missed["oldest"]), missed["count"]) == (T0 + timedelta(seconds=2), 1)
+    assert missed["reason"] == "the job was removed or no longer uses overlap = buffer_one"

@@ -119,6 +119,8 @@ class Daemon:
             pass  # unreachable or odd now: the loops retry, and report what they see
         for watch in self._watches:
             await self._resolve_watch(watch, at_start=True)
+        buffering = [job.name for job in self._jobs.values() if job.overlap == "buffer_one"]
+        await rt.store.call(rt.store.sync.settle_orphaned_holds, buffering)
 
     async def _resolve_watch(self, watch: _Watch, *, at_start: bool) -> None:
         """The watched workflow's id. One that does not exist is a config error; an outage (or

@@ -320,11 +320,23 @@ class Starter:
             # Unknown is not no: a read that failed proves nothing. Read again later.
             return await self._retry(intent)
         known = await self._store.call(self._db.known_runs, [r.id for r in runs])
+        unknown = [r for r in runs if r.id not in known]
         now = self._now()
-        candidates = [r for r in runs if r.id not in known and _could_be(r, intent, now)]
+        if any(_unreadable(r) and _in_window(r, intent, now) for r in unknown):
+            # A run whose creation time or cause cannot be read might be ours: the read
+            # settles nothing, and nothing is sent again on its strength.
+            return await self._retry(intent)
+        others = [
+            sent
+            for other, sent, _ in await self._store.call(
+                self._db.pending_windows, intent.workflow_id
+            )
+            if other != intent.id
+        ]
+        candidates = [r for r in unknown if _could_be(r, intent, now, others)]
         if candidates:
             # The oldest candidate: a later request's run is newer than ours.
-            run = min(candidates, key=lambda r: (r.number or 0, r.created or self._now()))
+            run = min(candidates, key=lambda r: (r.number or 0, r.created or now))
             self._failures.pop(intent.id, None)
             new = await self._store.call(
                 self._db.record_run,
@@ -386,14 +398,43 @@ class Starter:
         return runs
 
 
-def _could_be(run: BuildRun, intent: Intent, now: datetime) -> bool:
-    """Could this run be the one the intent's POST created?"""
+START_REASONS = frozenset(
+    {
+        "GIT_REF_CHANGE",
+        "MANUAL",
+        "MANUAL_REBUILD",
+        "PULL_REQUEST_OPEN",
+        "PULL_REQUEST_UPDATE",
+        "SCHEDULE",
+    }
+)
+
+
+def _unreadable(run: BuildRun) -> bool:
+    """A run that cannot be told apart from ours: no creation time, or an unknown cause."""
+    return run.created is None or (
+        run.start_reason is not None and run.start_reason not in START_REASONS
+    )
+
+
+def _in_window(run: BuildRun, intent: Intent, now: datetime) -> bool:
+    """Created between the POST and the moment its outcome became unknown, give or take the
+    clock skew; a run whose creation time is unreadable might be anywhere."""
+    if run.created is None or intent.sent_at is None:
+        return True
+    end = intent.unknown_at or now
+    return intent.sent_at - CLOCK_SKEW <= run.created <= end + CLOCK_SKEW
+
+
+def _could_be(run: BuildRun, intent: Intent, now: datetime, others: list[datetime]) -> bool:
+    """Could this run be the one the intent's POST created? `others`: when the workflow's other
+    unsettled starts were sent. A run created before our POST is only ours within the clock
+    skew, and never when another start was already under way when it was created."""
     if run.start_reason not in (None, "MANUAL", "MANUAL_REBUILD"):
         return False
-    if run.created is None or intent.sent_at is None:
+    if run.created is None or intent.sent_at is None or not _in_window(run, intent, now):
         return False
-    end = intent.unknown_at or now
-    if not intent.sent_at - CLOCK_SKEW <= run.created <= end + CLOCK_SKEW:
+    if run.created < intent.sent_at and any(sent <= run.created for sent in others):
         return False
     return not (
         intent.git_reference_id
@@ -415,16 +456,21 @@ def runs_of(page: JSON) -> list[BuildRun]:
 
 
 def could_be_pending(
-    windows: list[tuple[datetime, datetime | None]], now: datetime
+    windows: list[tuple[str, datetime, datetime | None]], now: datetime
 ) -> Callable[[BuildRun], bool]:
     """For discovery: is this run possibly one of our starts whose outcome is not settled?"""
 
     def check(run: BuildRun) -> bool:
-        if run.start_reason not in (None, "MANUAL", "MANUAL_REBUILD") or run.created is None:
-            return bool(windows) and run.created is None
+        if not windows:
+            return False
+        if _unreadable(run):
+            return True
+        if run.start_reason not in (None, "MANUAL", "MANUAL_REBUILD"):
+            return False
+        assert run.created is not None
         return any(
             sent - CLOCK_SKEW <= run.created <= (unknown or now) + CLOCK_SKEW
-            for sent, unknown in windows
+            for _, sent, unknown in windows
         )
 
     return check

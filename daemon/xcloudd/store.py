@@ -733,15 +733,43 @@ class Store:
                 ],
             )
 
-    def pending_windows(self, workflow_id: str) -> list[tuple[datetime, datetime | None]]:
-        """(sent_at, unknown_at) of this workflow's starts whose outcome is not settled: a run
-        created in one of these windows may be ours, not a foreign build."""
+    def pending_windows(self, workflow_id: str) -> list[tuple[str, datetime, datetime | None]]:
+        """(intent id, sent_at, unknown_at) of this workflow's starts whose outcome is not
+        settled: a run created in one of these windows may be ours, not a foreign build."""
         rows = self._conn.execute(
-            "SELECT sent_at, unknown_at FROM intents WHERE workflow_id = ?"
+            "SELECT id, sent_at, unknown_at FROM intents WHERE workflow_id = ?"
             " AND state IN ('sending', 'unknown') AND sent_at IS NOT NULL",
             (workflow_id,),
         ).fetchall()
-        return [(parse_iso(r[0]), parse_iso(r[1]) if r[1] else None) for r in rows]
+        return [(r[0], parse_iso(r[1]), parse_iso(r[2]) if r[2] else None) for r in rows]
+
+    def settle_orphaned_holds(self, buffering_jobs: Sequence[str]) -> int:
+        """Held occurrences (buffer_one) of jobs that no longer hold any (removed from the
+        config, or no longer buffer_one) will never start: each is counted missed."""
+        with self._tx() as c:
+            rows = c.execute("SELECT job, planned FROM occurrences WHERE state = 'held'").fetchall()
+            orphans = [(r[0], parse_iso(r[1])) for r in rows if r[0] not in buffering_jobs]
+            for job, planned in orphans:
+                c.execute(
+                    "UPDATE occurrences SET state = 'missed', reason = ? WHERE job = ?"
+                    " AND planned = ?",
+                    ("the job no longer holds occurrences", job, iso(planned)),
+                )
+                self._append(
+                    c,
+                    [
+                        self.ev.make(
+                            "schedule.missed",
+                            subject=occurrence_key(job, planned),
+                            job=job,
+                            count=1,
+                            oldest=planned.isoformat(),
+                            capped=False,
+                            reason="the job was removed or no longer uses overlap = buffer_one",
+                        )
+                    ],
+                )
+            return len(orphans)
 
     # --- runs ------------------------------------------------------------------------------
 
