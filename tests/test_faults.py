@@ -519,3 +519,15 @@ async def test_a_held_occurrence_of_a_job_that_was_removed_is_counted_missed(
     assert fired == [T0 + timedelta(seconds=1)]
     assert (at(missed["oldest"]), missed["count"]) == (T0 + timedelta(seconds=2), 1)
     assert missed["reason"] == "the job was removed or no longer uses overlap = buffer_one"
+
+
+async def test_a_start_throttled_past_the_clients_patience_is_sent_later_not_failed(
+    world: World,
+) -> None:
+    config = world.configure(job("hourly", every="1h", catch_up="1h"))
+    world.sim.sim.faults.add(Fault(method="POST", path=POST, status=429, retry_after=1, times=10))
+    await world.run(config, minutes(70))
+    assert world.events("build.start_failed") == []
+    assert posts(world).count(201) == 1
+    (run,) = world.runs("CI")
+    assert [e["build_run_id"] for e in world.events("build.created")] == [run.id]

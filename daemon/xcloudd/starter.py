@@ -208,6 +208,8 @@ class Starter:
         except (ResolveError, ApiError) as exc:
             if isinstance(exc, AuthFailed):
                 return await self._retry(intent, cap=AUTH_RETRY_MAX_S)
+            if isinstance(exc, ApiError) and exc.status == 429:
+                return await self._retry(intent)
             self.errors[intent.id] = exc
             await self._store.call(
                 self._db.intent_failed,
@@ -265,6 +267,9 @@ class Starter:
             # which a person fixes at any moment: look again at least once a minute.
             return await self._retry(intent, resend=True, refused=True, cap=AUTH_RETRY_MAX_S)
         except ApiError as exc:
+            if exc.status == 429:
+                # Throttled past the client's patience: not a refusal, nothing was created.
+                return await self._retry(intent, resend=True, refused=True)
             first = exc.first
             self.errors[intent.id] = exc
             await self._store.call(
