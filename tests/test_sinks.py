@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from xcloudd.asyncstore import AsyncStore
 from xcloudd.clock import FakeClock
 from xcloudd.delivery import Delivery
 from xcloudd.events import Emitter, EventFactory
 from xcloudd.sinks import FileSink, Record
-from xcloudd.store import AsyncStore, Store
+from xcloudd.store import Store
 
 
 def record(n: int) -> Record:

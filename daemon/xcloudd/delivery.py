@@ -17,10 +17,11 @@ from collections.abc import Sequence
 
 import orjson
 
+from xcloudd.asyncstore import AsyncStore
 from xcloudd.clock import Clock, wait_first
 from xcloudd.events import Emitter
 from xcloudd.sinks import Record, Sink
-from xcloudd.store import AsyncStore, OutboxRow
+from xcloudd.store import OutboxRow
 
 BATCH = 500
 # Rows from other processes (a CLI start on the daemon's store) are noticed within this long.

@@ -12,10 +12,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from xcloudd.api import AscClient
+from xcloudd.asyncstore import AsyncStore
 from xcloudd.clock import Clock
 from xcloudd.resources import RUN_FIELDS, BuildRun
 from xcloudd.starter import could_be_pending, runs_of
-from xcloudd.store import AsyncStore, NewRun
+from xcloudd.store import NewRun
 
 PAGE = 200
 MAX_PAGES = 10

@@ -20,11 +20,12 @@ from datetime import datetime
 from typing import Any
 
 from xcloudd.api import ApiError, ApiUnavailable, AscClient, AuthFailed, BadResponse, NotFound
+from xcloudd.asyncstore import AsyncStore
 from xcloudd.clock import Clock, wait_first
 from xcloudd.config import PollingConfig
 from xcloudd.events import RESULTS, BuildRef, Event, EventFactory, EventName
 from xcloudd.resources import RUN_FIELDS, BuildRun
-from xcloudd.store import AsyncStore, RunRecord, parse_iso
+from xcloudd.store import RunRecord, parse_iso
 
 ACTION_FIELDS = "name,actionType,executionProgress,completionStatus,isRequiredToPass,issueCounts"
 MAX_CONCURRENT_POLLS = 8

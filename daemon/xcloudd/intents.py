@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Mapping
 
+from xcloudd.asyncstore import AsyncStore
 from xcloudd.clock import Clock, wait_first
 from xcloudd.config import JobConfig
 from xcloudd.starter import ORPHAN_S, Starter
-from xcloudd.store import AsyncStore, Intent
+from xcloudd.store import Intent
 
 MAX_CONCURRENT_STARTS = 2
 IDLE_S = 5.0

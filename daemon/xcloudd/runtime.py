@@ -18,6 +18,7 @@ from typing import IO, Literal
 import aiohttp
 
 from xcloudd.api import AscClient
+from xcloudd.asyncstore import AsyncStore
 from xcloudd.auth import TokenSigner
 from xcloudd.clock import Clock, SystemClock
 from xcloudd.config import Config, SinkConfig
@@ -27,7 +28,7 @@ from xcloudd.errors import ConfigError
 from xcloudd.events import Emitter, Event, EventFactory
 from xcloudd.resolve import Resolver
 from xcloudd.sinks import FileSink, Sink, StdoutSink
-from xcloudd.store import AsyncStore, Store, StoreUnwritable
+from xcloudd.store import Store, StoreUnwritable
 from xcloudd.supervisor import Supervisor, describe, diagnostic
 
 DRAIN_S = 5.0

@@ -13,11 +13,11 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime
 
+from xcloudd.asyncstore import AsyncStore
 from xcloudd.clock import Clock
 from xcloudd.config import JobConfig
 from xcloudd.schedule import Schedule, build_schedule, missed_between
 from xcloudd.starter import ON_TIME_S
-from xcloudd.store import AsyncStore
 
 
 def job_schedule(job: JobConfig) -> Schedule | None:

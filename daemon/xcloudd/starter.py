@@ -28,12 +28,13 @@ from xcloudd.api import (
     BadResponse,
     OutcomeUnknown,
 )
+from xcloudd.asyncstore import AsyncStore
 from xcloudd.clock import Clock
 from xcloudd.config import JobConfig
 from xcloudd.errors import XcloudError
 from xcloudd.resolve import ResolveError, Resolver
 from xcloudd.resources import RUN_FIELDS, BuildRun
-from xcloudd.store import AsyncStore, Intent, NewRun, StartRequest
+from xcloudd.store import Intent, NewRun, StartRequest
 
 # How far Apple's createdDate may differ from our clock and still count as "created by us".
 CLOCK_SKEW = timedelta(minutes=2)
