@@ -33,6 +33,7 @@ from xcloudd.resolve import ResolveError, Workflow
 from xcloudd.runtime import Runtime, build_sinks, open_runtime
 from xcloudd.scheduler import JobScheduler, job_schedule
 from xcloudd.starter import Starter
+from xcloudd.store import StoreUnwritable
 
 STOP_GRACE_S = 5.0
 PRUNE_EVERY_S = 300.0
@@ -120,7 +121,11 @@ class Daemon:
         for watch in self._watches:
             await self._resolve_watch(watch, at_start=True)
         buffering = [job.name for job in self._jobs.values() if job.overlap == "buffer_one"]
-        await rt.store.call(rt.store.sync.settle_orphaned_holds, buffering)
+        try:
+            await rt.store.call(rt.store.sync.settle_orphaned_holds, buffering)
+        except StoreUnwritable as exc:
+            # A full disk must not stop the daemon: the next start-up settles them.
+            rt.supervisor.report("start-up", exc)
 
     async def _resolve_watch(self, watch: _Watch, *, at_start: bool) -> None:
         """The watched workflow's id. One that does not exist is a config error; an outage (or

@@ -86,6 +86,8 @@ class Delivery:
 
     async def deliver_once(self) -> bool:
         """One batch; False when there was nothing to deliver."""
+        if self.cursor is None:
+            await self.start()
         assert self.cursor is not None
         rows = await self._store.call(self._store.sync.outbox_after, self.cursor, BATCH)
         if not rows:

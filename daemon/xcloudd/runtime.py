@@ -191,8 +191,9 @@ async def open_runtime(
             )
             if durable:
                 for sink in sinks:
+                    # Its cursor is read (or created) when it first runs: under supervision, so
+                    # a store that cannot be written yet only delays it.
                     delivery = Delivery(store, sink, emitter, clock)
-                    await delivery.start()
                     rt.deliveries.append(delivery)
                     supervisor.spawn(f"sink {sink.name}", delivery.run)
             else:
