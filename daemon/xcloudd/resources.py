@@ -17,6 +17,18 @@ from xcloudd.api import BadResponse
 Progress = Literal["PENDING", "RUNNING", "COMPLETE"]
 _PROGRESS = ("PENDING", "RUNNING", "COMPLETE")
 
+# Apple's CiStartReason values (API-NOTES b): a run with another one is not understood.
+START_REASONS = frozenset(
+    (
+        "GIT_REF_CHANGE",
+        "MANUAL",
+        "MANUAL_REBUILD",
+        "PULL_REQUEST_OPEN",
+        "PULL_REQUEST_UPDATE",
+        "SCHEDULE",
+    )
+)
+
 # The cheap poll: only what the watcher turns into events (DESIGN 3.3).
 RUN_FIELDS = ",".join(
     (

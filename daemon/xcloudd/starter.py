@@ -33,7 +33,7 @@ from xcloudd.clock import Clock
 from xcloudd.config import JobConfig
 from xcloudd.errors import XcloudError
 from xcloudd.resolve import ResolveError, Resolver
-from xcloudd.resources import RUN_FIELDS, BuildRun
+from xcloudd.resources import RUN_FIELDS, START_REASONS, BuildRun
 from xcloudd.store import Intent, NewRun, StartRequest
 
 # How far Apple's createdDate may differ from our clock and still count as "created by us".
@@ -402,18 +402,6 @@ class Starter:
                 break
             page = await self._client.get(nxt)
         return runs
-
-
-START_REASONS = frozenset(
-    {
-        "GIT_REF_CHANGE",
-        "MANUAL",
-        "MANUAL_REBUILD",
-        "PULL_REQUEST_OPEN",
-        "PULL_REQUEST_UPDATE",
-        "SCHEDULE",
-    }
-)
 
 
 def _unreadable(run: BuildRun) -> bool:
