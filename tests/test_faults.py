@@ -531,3 +531,27 @@ async def test_a_start_throttled_past_the_clients_patience_is_sent_later_not_fai
     assert posts(world).count(201) == 1
     (run,) = world.runs("CI")
     assert [e["build_run_id"] for e in world.events("build.created")] == [run.id]
+
+
+async def test_runs_that_never_read_clearly_end_the_start_as_failed_not_stuck(
+    world: World,
+) -> None:
+    """An outcome that stays unknown (a run in the window that cannot be read) must not hold
+    an overlap = "skip" job back for ever: after an hour the start ends as failed."""
+    config = world.configure(job("ci", every="30m", overlap="skip", catch_up="10m"))
+    world.sim.sim.faults.add(Fault(FaultAction.DROP_AFTER_CREATE, method="POST", path=POST))
+    world.sim.sim.faults.add(
+        Fault(
+            FaultAction.MALFORMED,
+            method="GET",
+            path=LISTS,
+            variant=MalformedVariant.MISSING_OPTIONAL,
+            times=None,
+        )
+    )
+    await world.run(config, minutes(125))
+    (failed,) = world.events("build.start_failed")
+    assert "stayed unknown" in failed["detail"]
+    assert len(posts(world)) >= 2, "the job stayed blocked by the unsettled start"
+    skipped = [e for e in world.events("schedule.skipped") if e["reason"] == "overlap"]
+    assert 1 <= len(skipped) <= 2

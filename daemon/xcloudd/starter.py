@@ -49,6 +49,8 @@ ORPHAN_S = 600.0
 RECONCILE_PAGE = 50
 RECONCILE_PAGES = 4
 RETRY_MAX_S = 300.0
+# How long reads that cannot tell whether a start created a run are tried before giving up.
+INCONCLUSIVE_GIVE_UP_S = 3600.0
 AUTH_RETRY_MAX_S = 60.0
 
 
@@ -330,7 +332,19 @@ class Starter:
         now = self._now()
         if any(_unreadable(r) and _in_window(r, intent, now) for r in unknown):
             # A run whose creation time or cause cannot be read might be ours: the read
-            # settles nothing, and nothing is sent again on its strength.
+            # settles nothing, and nothing is sent again on its strength. Should it stay that
+            # way, the start ends as failed rather than hold its job back for ever.
+            since = intent.unknown_at or intent.created_at
+            if (now - since).total_seconds() > INCONCLUSIVE_GIVE_UP_S:
+                await self._store.call(
+                    self._db.intent_failed,
+                    intent.id,
+                    http_status=None,
+                    error_code=None,
+                    detail="the start's outcome stayed unknown: the workflow's runs could not"
+                    " be read clearly",
+                )
+                return StepResult("failed")
             return await self._retry(intent)
         others = [
             sent
