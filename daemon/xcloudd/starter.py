@@ -383,13 +383,14 @@ class Starter:
                 detail="the start's outcome was unknown and no build run appeared",
             )
             return StepResult("failed")
-        if intent.origin == "schedule" and self._too_late(intent, job, job is not None):
+        late = self._too_late(intent, job, job is not None)
+        if late is not None:
             await self._store.call(
                 self._db.intent_failed,
                 intent.id,
                 http_status=None,
                 error_code=None,
-                detail="no build run appeared, and it is now too late to start one",
+                detail=f"no build run appeared, and it is not sent again: {late}",
             )
             return StepResult("failed")
         await self._store.call(
