@@ -589,3 +589,17 @@ async def test_following_a_run_already_read_from_a_list_costs_no_extra_poll(
     assert len(poll_times(sim, run.id)) == 1
     assert sink.names("build.") == ["build.created", "build.started", "build.completed"]
     assert sink.one("build.completed")["actions"], "build.completed lacks the run's actions"
+
+
+@pytest.mark.parametrize("variant", ["bad_relationship", "naive_date", "not_object"])
+async def test_start_wait_gets_through_malformed_polls(
+    sim: RunningSimulator, tmp_path: Path, fake_clock: FakeClock, variant: str
+) -> None:
+    """A poll answer of an odd shape is retried; `start --wait` ends with the build's outcome."""
+    sim.sim.faults.add(
+        Fault(FaultAction.MALFORMED, method="GET", path=RUN_PATH, variant=variant, times=2)
+    )
+    async with runtime(sim, tmp_path, fake_clock) as (rt, events):
+        code = await commands.start(rt, Target(workflow=wf_id(sim, "CI")), wait=True)
+    assert code == ExitCode.OK
+    assert events.one("build.completed")["result"] == "success"
