@@ -231,3 +231,14 @@ def test_a_full_disk_is_a_clear_error_that_records_nothing(store: Store) -> None
     with pytest.raises(StoreUnwritable, match="full"):
         store.append([store.ev.make("daemon.started", note="x" * 20_000)])
     assert store.outbox_size() == 0
+
+
+def test_status_on_a_store_of_the_previous_schema_says_what_to_do(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    path = tmp_path / "state.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(_MIGRATIONS[0] + "PRAGMA user_version=1;")
+    conn.close()
+    with pytest.raises(StoreError, match="run the daemon of this version once"):
+        Store.open(path, EventFactory(clock), readonly=True)

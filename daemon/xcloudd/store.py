@@ -307,6 +307,12 @@ class Store:
             store = cls(conn, where, events)
             if not readonly:
                 store._migrate()
+            elif conn.execute("PRAGMA user_version").fetchone()[0] != len(_MIGRATIONS):
+                conn.close()
+                raise StoreError(
+                    f"the state store {where} has another schema than this xcloudd's:"
+                    " run the daemon of this version once to upgrade it"
+                )
             return store
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the state store {where}: {exc}") from None
