@@ -672,51 +672,67 @@ class Store:
         """The start cannot happen (Apple refused it, or a name does not resolve)."""
         with self._tx() as c:
             intent = self._intent_row(c, intent_id)
-            if intent.state not in OPEN_INTENTS:
-                return
-            events: list[Event] = []
-            self._fired(c, intent, events)
-            c.execute(
-                "UPDATE intents SET state = 'failed', updated = ? WHERE id = ?",
-                (self._now().timestamp(), intent_id),
-            )
-            events.append(
-                self.ev.make(
-                    "build.start_failed",
-                    subject=intent_id,
-                    job=intent.job,
-                    workflow_id=intent.workflow_id,
-                    origin=origin_of(intent.origin),
+            if intent.state in OPEN_INTENTS:
+                self._fail(
+                    c,
+                    intent,
                     http_status=http_status,
                     error_code=error_code,
                     detail=detail,
                     pointer=pointer,
                 )
+
+    def _fail(
+        self,
+        c: sqlite3.Connection,
+        intent: Intent,
+        *,
+        http_status: int | None,
+        error_code: str | None,
+        detail: str,
+        pointer: str | None = None,
+    ) -> None:
+        events: list[Event] = []
+        self._fired(c, intent, events)
+        c.execute(
+            "UPDATE intents SET state = 'failed', updated = ? WHERE id = ?",
+            (self._now().timestamp(), intent.id),
+        )
+        events.append(
+            self.ev.make(
+                "build.start_failed",
+                subject=intent.id,
+                job=intent.job,
+                workflow_id=intent.workflow_id,
+                origin=origin_of(intent.origin),
+                http_status=http_status,
+                error_code=error_code,
+                detail=detail,
+                pointer=pointer,
             )
-            self._append(c, events)
+        )
+        self._append(c, events)
 
     def intent_missed(self, intent_id: str, reason: str) -> None:
         """A start that was never sent and no longer should be (too old, job disabled or gone):
-        its occurrence is counted missed. One already fired ends as a failed start instead."""
+        its occurrence is counted missed. One whose occurrence already fired (it was sent
+        before, and proven to have created nothing) ends as a failed start instead."""
         with self._tx() as c:
             intent = self._intent_row(c, intent_id)
             if intent.state != "new":
                 return
-            if intent.job is None or intent.planned is None:
-                fired = True
-            else:
-                cur = c.execute(
+            missed = 0
+            if intent.job is not None and intent.planned is not None:
+                missed = c.execute(
                     "UPDATE occurrences SET state = 'missed', reason = ? WHERE job = ?"
                     " AND planned = ? AND state = 'firing'",
                     (reason, intent.job, iso(intent.planned)),
-                )
-                fired = cur.rowcount == 0
-        if fired:
-            self.intent_failed(intent_id, http_status=None, error_code=None, detail=reason)
-            return
-        assert intent.job is not None
-        assert intent.planned is not None
-        with self._tx() as c:
+                ).rowcount
+            if not missed:
+                self._fail(c, intent, http_status=None, error_code=None, detail=reason)
+                return
+            assert intent.job is not None
+            assert intent.planned is not None
             c.execute(
                 "UPDATE intents SET state = 'missed', updated = ? WHERE id = ?",
                 (self._now().timestamp(), intent_id),
