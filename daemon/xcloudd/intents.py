@@ -86,7 +86,7 @@ class IntentSweeper:
         try:
             async with self._slots:
                 job = self.jobs.get(intent.job or "")
-                await self._starter.step(intent, job, job_known=job is not None)
+                await self._starter.step(intent, job)
             self._hold.pop(intent.id, None)
         except Exception as exc:
             # The intent is still open in the store: report, and look at it again later.

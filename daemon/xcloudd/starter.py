@@ -17,7 +17,6 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Literal
 
 from xcloudd.api import (
     JSON,
@@ -118,15 +117,6 @@ def request_body(req: StartRequest) -> JSON:
     return {"data": data}
 
 
-Step = Literal["done", "failed", "missed", "waiting", "skipped"]
-
-
-@dataclass(frozen=True)
-class StepResult:
-    step: Step
-    run_id: str | None = None
-
-
 class Starter:
     """Moves one intent one step on; the caller decides when to call again (`next_try`)."""
 
@@ -159,13 +149,12 @@ class Starter:
         n = self._failures[intent_id] = self._failures.get(intent_id, 0) + 1
         return self._clock.time() + self._rng.uniform(1.0, min(cap, 2.0 ** min(n, 9)))
 
-    async def step(
-        self, intent: Intent, job: JobConfig | None, *, job_known: bool = True
-    ) -> StepResult:
-        """One step: send a new intent, or settle one whose outcome is unknown."""
+    async def step(self, intent: Intent, job: JobConfig | None) -> None:
+        """One step: send a new intent, or settle one whose outcome is unknown. `job`: the
+        intent's job as the config has it now (None: gone, or a start without a job)."""
         if intent.state == "new":
-            return await self._send(intent, job, job_known)
-        if intent.state == "sending":
+            await self._send(intent, job)
+        elif intent.state == "sending":
             # The process that sent it stopped before the answer: nobody knows what it did.
             await self._store.call(
                 self._db.intent_unknown,
@@ -174,16 +163,14 @@ class Starter:
                 http_status=None,
                 next_try=self._clock.time(),
             )
-            return StepResult("waiting")
-        if intent.state == "unknown":
-            return await self._reconcile(intent, job)
-        return StepResult("skipped")
+        elif intent.state == "unknown":
+            await self._reconcile(intent, job)
 
-    def _too_late(self, intent: Intent, job: JobConfig | None, job_known: bool) -> str | None:
+    def _too_late(self, intent: Intent, job: JobConfig | None) -> str | None:
         """Why a scheduled start should no longer go out, if it should not."""
         if intent.origin != "schedule":
             return None
-        if not job_known or job is None:
+        if job is None:
             return "the job is no longer in the config"
         if not job.enabled:
             return "the job is disabled"
@@ -193,26 +180,25 @@ class Starter:
                 return "older than the job's catch_up when it could be sent"
         return None
 
-    async def _send(self, intent: Intent, job: JobConfig | None, job_known: bool) -> StepResult:
-        if (reason := self._too_late(intent, job, job_known)) is not None:
+    async def _send(self, intent: Intent, job: JobConfig | None) -> None:
+        if (reason := self._too_late(intent, job)) is not None:
             await self._store.call(self._db.intent_missed, intent.id, reason)
-            return StepResult("missed")
+            return
         if intent.posts >= MAX_POSTS:
-            await self._store.call(
-                self._db.intent_failed,
-                intent.id,
-                http_status=None,
-                error_code=None,
-                detail=f"no build run appeared after {MAX_POSTS} attempts to start one",
+            await self._fail(
+                intent,
+                f"no build run appeared after {MAX_POSTS} attempts to start one",
             )
-            return StepResult("failed")
+            return
         try:
             req = await self._request(intent, job)
         except (ResolveError, ApiError) as exc:
             if isinstance(exc, AuthFailed):
-                return await self._retry(intent, cap=AUTH_RETRY_MAX_S)
+                await self._retry(intent, cap=AUTH_RETRY_MAX_S)
+                return
             if isinstance(exc, ApiError) and exc.status == 429:
-                return await self._retry(intent)
+                await self._retry(intent)
+                return
             self.errors[intent.id] = exc
             await self._store.call(
                 self._db.intent_failed,
@@ -221,13 +207,13 @@ class Starter:
                 error_code=None,
                 detail=str(exc),
             )
-            return StepResult("failed")
+            return
         except (ApiUnavailable, BadResponse):
-            return await self._retry(intent)
+            await self._retry(intent)
+            return
         sent = await self._store.call(self._db.intent_sending, intent.id, req)
-        if sent is None:
-            return StepResult("skipped")
-        return await self._post(sent, req)
+        if sent is not None:
+            await self._post(sent, req)
 
     async def _request(self, intent: Intent, job: JobConfig | None) -> StartRequest:
         if intent.workflow_id is not None:
@@ -241,6 +227,12 @@ class Starter:
         assert job is not None
         return await resolve_target(self._resolver, Target.of_job(job))
 
+    async def _fail(self, intent: Intent, detail: str) -> None:
+        """The start ends without a build, for a reason of ours (not Apple's refusal)."""
+        await self._store.call(
+            self._db.intent_failed, intent.id, http_status=None, error_code=None, detail=detail
+        )
+
     async def _retry(
         self,
         intent: Intent,
@@ -248,7 +240,7 @@ class Starter:
         resend: bool = False,
         refused: bool = False,
         cap: float = RETRY_MAX_S,
-    ) -> StepResult:
+    ) -> None:
         await self._store.call(
             self._db.intent_retry,
             intent.id,
@@ -256,9 +248,8 @@ class Starter:
             resend=resend,
             refused=refused,
         )
-        return StepResult("waiting")
 
-    async def _post(self, intent: Intent, req: StartRequest) -> StepResult:
+    async def _post(self, intent: Intent, req: StartRequest) -> None:
         try:
             answer = await self._client.post("/v1/ciBuildRuns", request_body(req))
             data = answer.get("data")
@@ -268,11 +259,13 @@ class Starter:
         except AuthFailed:
             # Refused before anything was created: safe to send again once the key works,
             # which a person fixes at any moment: look again at least once a minute.
-            return await self._retry(intent, resend=True, refused=True, cap=AUTH_RETRY_MAX_S)
+            await self._retry(intent, resend=True, refused=True, cap=AUTH_RETRY_MAX_S)
+            return
         except ApiError as exc:
             if exc.status == 429:
                 # Throttled past the client's patience: not a refusal, nothing was created.
-                return await self._retry(intent, resend=True, refused=True)
+                await self._retry(intent, resend=True, refused=True)
+                return
             first = exc.first
             self.errors[intent.id] = exc
             await self._store.call(
@@ -283,10 +276,11 @@ class Starter:
                 detail=(first.detail or first.title) if first else str(exc),
                 pointer=first.pointer if first else None,
             )
-            return StepResult("failed")
+            return
         except ApiUnavailable:
             # The connection never opened: nothing can have been created.
-            return await self._retry(intent, resend=True, refused=True)
+            await self._retry(intent, resend=True, refused=True)
+            return
         except (OutcomeUnknown, BadResponse) as exc:
             reason = exc.reason if isinstance(exc, OutcomeUnknown) else str(exc)
             status = exc.status if isinstance(exc, OutcomeUnknown) else None
@@ -297,7 +291,7 @@ class Starter:
                 http_status=status,
                 next_try=self._clock.time() + SETTLE_S,
             )
-            return StepResult("waiting")
+            return
         self._failures.pop(intent.id, None)
         await self._store.call(
             self._db.record_run,
@@ -305,7 +299,6 @@ class Starter:
             intent_id=intent.id,
             reconciled=False,
         )
-        return StepResult("done", run.id)
 
     @staticmethod
     def _new_run(intent: Intent, workflow_id: str, run: BuildRun) -> NewRun:
@@ -320,13 +313,14 @@ class Starter:
             progress=run.progress,
         )
 
-    async def _reconcile(self, intent: Intent, job: JobConfig | None) -> StepResult:
+    async def _reconcile(self, intent: Intent, job: JobConfig | None) -> None:
         assert intent.workflow_id is not None
         try:
             runs = await self._recent_runs(intent)
         except (ApiError, ApiUnavailable, BadResponse):
             # Unknown is not no: a read that failed proves nothing. Read again later.
-            return await self._retry(intent)
+            await self._retry(intent)
+            return
         known = await self._store.call(self._db.known_runs, [r.id for r in runs])
         unknown = [r for r in runs if r.id not in known]
         now = self._now()
@@ -336,16 +330,14 @@ class Starter:
             # way, the start ends as failed rather than hold its job back for ever.
             since = intent.unknown_at or intent.created_at
             if (now - since).total_seconds() > INCONCLUSIVE_GIVE_UP_S:
-                await self._store.call(
-                    self._db.intent_failed,
-                    intent.id,
-                    http_status=None,
-                    error_code=None,
-                    detail="the start's outcome stayed unknown: the workflow's runs could not"
+                await self._fail(
+                    intent,
+                    "the start's outcome stayed unknown: the workflow's runs could not"
                     " be read clearly",
                 )
-                return StepResult("failed")
-            return await self._retry(intent)
+                return
+            await self._retry(intent)
+            return
         others = [
             sent
             for other, sent, _ in await self._store.call(
@@ -364,39 +356,33 @@ class Starter:
                 intent_id=intent.id,
                 reconciled=True,
             )
-            if new:
-                return StepResult("done", run.id)
-            return StepResult("waiting")
+            if not new:
+                # Recorded meanwhile by someone else (discovery, another process): look again.
+                await self._retry(intent)
+            return
         settled_at = (intent.unknown_at or self._now()) + timedelta(seconds=SETTLE_S)
         if self._now() < settled_at:
             await self._store.call(
                 self._db.intent_retry, intent.id, next_try=settled_at.timestamp()
             )
-            return StepResult("waiting")
+            return
         # A successful read, late enough, shows no run this request could have created.
         if intent.origin != "schedule" and intent.owner != self._owner:
-            await self._store.call(
-                self._db.intent_failed,
-                intent.id,
-                http_status=None,
-                error_code=None,
-                detail="the start's outcome was unknown and no build run appeared",
+            await self._fail(
+                intent,
+                "the start's outcome was unknown and no build run appeared",
             )
-            return StepResult("failed")
-        late = self._too_late(intent, job, job is not None)
+            return
+        late = self._too_late(intent, job)
         if late is not None:
-            await self._store.call(
-                self._db.intent_failed,
-                intent.id,
-                http_status=None,
-                error_code=None,
-                detail=f"no build run appeared, and it is not sent again: {late}",
+            await self._fail(
+                intent,
+                f"no build run appeared, and it is not sent again: {late}",
             )
-            return StepResult("failed")
+            return
         await self._store.call(
             self._db.intent_retry, intent.id, next_try=self._clock.time(), resend=True
         )
-        return StepResult("waiting")
 
     async def _recent_runs(self, intent: Intent) -> list[BuildRun]:
         """The workflow's newest runs, back to the oldest that could be this intent's."""
