@@ -5,7 +5,6 @@ real daemon on virtual time (world.py), and checks against the simulator's groun
 
 from __future__ import annotations
 
-import contextlib
 import sqlite3
 from collections import Counter
 from datetime import UTC, datetime, timedelta
@@ -266,43 +265,39 @@ async def test_restarts_during_an_outage_count_missed_occurrences_once(
 # --- 10: the state store cannot be written --------------------------------------------------------
 
 
+def disk_full(world: World) -> None:
+    """Every write to the store fails from now on, as on a full disk (an authorizer refuses
+    them, so the failure is certain, whatever free pages the file still has)."""
+    assert world.rt is not None
+    conn = world.rt.store.sync._conn
+    writes = {sqlite3.SQLITE_INSERT, sqlite3.SQLITE_UPDATE, sqlite3.SQLITE_DELETE}
+
+    def refuse(action: int, *_: object) -> int:
+        return sqlite3.SQLITE_DENY if action in writes else sqlite3.SQLITE_OK
+
+    world.rt.store.post(lambda: conn.set_authorizer(refuse))
+
+
+def disk_has_room(world: World) -> None:
+    assert world.rt is not None
+    conn = world.rt.store.sync._conn
+    world.rt.store.post(lambda: conn.set_authorizer(None))
+
+
 async def test_a_full_state_store_refuses_new_starts_and_recovers(world: World) -> None:
     config = world.configure(job("ci", every="5s", overlap="allow_all", catch_up="1h"))
-
-    def fill() -> None:
-        """The disk is full: SQLite may not grow the file, and the free pages are used up."""
-        assert world.rt is not None
-        conn = world.rt.store.sync._conn
-
-        def use_up() -> None:
-            pages = conn.execute("PRAGMA page_count").fetchone()[0]
-            conn.execute(f"PRAGMA max_page_count = {pages}")
-            conn.execute("CREATE TABLE IF NOT EXISTS ballast (x BLOB)")
-            for size in (65536, 4096, 512, 64, 8):
-                with contextlib.suppress(sqlite3.OperationalError):
-                    while True:
-                        conn.execute("INSERT INTO ballast VALUES (zeroblob(?))", (size,))
-
-        world.rt.store.post(use_up)
 
     full: list[float] = []
 
     def free() -> None:
-        assert world.rt is not None
-        conn = world.rt.store.sync._conn
-
-        def release() -> None:
-            conn.execute("PRAGMA max_page_count = 1073741823")
-            conn.execute("DROP TABLE ballast")
-
-        world.rt.store.post(release)
+        disk_has_room(world)
         full.append(world.clock.time())
 
     assert (
         await world.run(
             config,
             T0 + timedelta(seconds=12),
-            fill,
+            lambda: disk_full(world),
             T0 + timedelta(seconds=40),
             free,
             T0 + timedelta(seconds=70),
@@ -316,7 +311,7 @@ async def test_a_full_state_store_refuses_new_starts_and_recovers(world: World) 
     # Starts stopped while the store was full, and the occurrences due meanwhile started later.
     assert any(t > full[0] for t in created)
     errors = world.events("daemon.error")
-    assert any("full" in e["error"] for e in errors)
+    assert any("cannot be written" in e["error"] for e in errors)
     every_occurrence_once(world, "ci", 5)
     assert_each_run_once(world)
     # Every run started before the last few seconds was followed to its end.
@@ -555,3 +550,30 @@ async def test_runs_that_never_read_clearly_end_the_start_as_failed_not_stuck(
     assert len(posts(world)) >= 2, "the job stayed blocked by the unsettled start"
     skipped = [e for e in world.events("schedule.skipped") if e["reason"] == "overlap"]
     assert 1 <= len(skipped) <= 2
+
+
+async def test_a_run_gone_while_the_store_is_full_is_ended_once_space_returns(
+    world: World,
+) -> None:
+    """The API says the run is gone (404) while its end cannot be recorded: the run stays
+    followed, and its one build.watch_ended is written once the store can be written again."""
+    config = world.configure(job("ci", every="1h"))
+    gone: list[str] = []
+
+    def run_gone_and_disk_full() -> None:
+        (run,) = world.runs("CI")
+        gone.append(run.id)
+        world.sim.sim.faults.add(Fault(method="GET", path=POLL, status=404, times=None))
+        disk_full(world)
+
+    await world.run(
+        config,
+        minutes(60) + timedelta(seconds=1.5),
+        run_gone_and_disk_full,
+        minutes(61),
+        lambda: disk_has_room(world),
+        minutes(63),
+    )
+    (ended,) = world.events("build.watch_ended")
+    assert (ended["build_run_id"], ended["reason"]) == (gone[0], "not_found")
+    assert world.status()["in_flight"] == []

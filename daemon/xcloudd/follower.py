@@ -106,10 +106,9 @@ class Follower:
         self._wake.set()
 
     def _interval(self, tracked: _Tracked) -> float:
-        p = self._polling
-        base = max(p.min_interval, min(p.interval, p.max_interval))
+        base = self._interval_base()
         if tracked.failures:
-            return float(min(p.max_interval, base * 2 ** min(tracked.failures, 10)))
+            return float(min(self._polling.max_interval, base * 2 ** min(tracked.failures, 10)))
         return base
 
     async def _scan(self) -> None:
@@ -191,30 +190,14 @@ class Follower:
         began = self._clock.monotonic()
         try:
             try:
-                ended = await self._poll_once(tracked)
-            except NotFound:
-                ended = await self._end(tracked, "not_found")
-            except AuthFailed as exc:
-                self._failed(tracked, exc, report=False)  # the client reported api.auth_failed
-                ended = False
-            except ApiError as exc:
-                if exc.status in (408, 409, 429) or exc.status >= 500:
-                    self._failed(tracked, exc, report=False)
-                    ended = False
-                else:
-                    ended = await self._end(tracked, f"http_{exc.status}")
-            except (ApiUnavailable, BadResponse) as exc:
-                # Transient trouble only delays this run; give_up_after still bounds the watch.
-                self._failed(tracked, exc, report=isinstance(exc, BadResponse))
-                ended = False
+                ended = await self._attempt(tracked)
+                if not ended and self._clock.time() >= tracked.deadline:
+                    ended = await self._expire(tracked)
             except Exception as exc:
+                # Whatever went wrong (a store that cannot be written included), the run stays
+                # followed: it is polled again, later.
                 self._failed(tracked, exc, report=True)
                 ended = False
-            if not ended and self._clock.time() >= tracked.deadline:
-                try:
-                    ended = await self._expire(tracked)
-                except Exception as exc:
-                    self._failed(tracked, exc, report=True)
             if ended:
                 self._runs.pop(run_id, None)
                 return
@@ -226,6 +209,26 @@ class Follower:
         finally:
             tracked.polling = False
             self._slots.release()
+
+    async def _attempt(self, tracked: _Tracked) -> bool:
+        """One poll; True when the watch on the run has ended (on record)."""
+        try:
+            return await self._poll_once(tracked)
+        except NotFound:
+            pass
+        except AuthFailed as exc:
+            self._failed(tracked, exc, report=False)  # the client reported api.auth_failed
+            return False
+        except ApiError as exc:
+            if exc.status in (408, 409, 429) or exc.status >= 500:
+                self._failed(tracked, exc, report=False)
+                return False
+            return await self._end(tracked, f"http_{exc.status}")
+        except (ApiUnavailable, BadResponse) as exc:
+            # Transient trouble only delays this run; give_up_after still bounds the watch.
+            self._failed(tracked, exc, report=isinstance(exc, BadResponse))
+            return False
+        return await self._end(tracked, "not_found")
 
     def _failed(self, tracked: _Tracked, exc: BaseException, *, report: bool) -> None:
         tracked.failures += 1
