@@ -154,7 +154,6 @@ async def test_a_sink_that_is_down_delays_only_itself_and_catches_up_after_a_res
     emitter = Emitter(store.sync.ev, lambda e: store.post(lambda: store.sync.append([e])))
     flaky.down = False
     delivery = Delivery(store, flaky, emitter, clock)
-    await delivery.start()
     try:
         await delivery.drain(10)
     finally:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, ParamSpec, TypeVar
@@ -26,7 +27,7 @@ class AsyncStore:
     def __init__(self, store: Store) -> None:
         self.sync = store
         self._loop = asyncio.get_running_loop()
-        self._queue: list[tuple[Callable[[], Any], Future[Any]]] = []
+        self._queue: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
         self._cv = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._work, name="xcloudd-store", daemon=True)
@@ -48,7 +49,7 @@ class AsyncStore:
                     self._cv.wait()
                 if not self._queue:
                     return
-                fn, fut = self._queue.pop(0)
+                fn, fut = self._queue.popleft()
             if not fut.set_running_or_notify_cancel():
                 continue
             try:

@@ -57,20 +57,17 @@ class Delivery:
         self._rng = rng or random.Random()
         self.cursor: int | None = None
         self.failing = False
-        self.delivered = 0
         self._stopping = asyncio.Event()
 
     def stop(self) -> None:
         """End `run` after the batch under way (cutting it off would deliver it twice)."""
         self._stopping.set()
 
-    async def start(self) -> None:
+    async def _start(self) -> None:
         """Read the cursor (a sink seen for the first time starts at the oldest row kept)."""
         self.cursor = await self._store.call(self._store.sync.sink_cursor, self.sink.name)
 
     async def run(self) -> None:
-        if self.cursor is None:
-            await self.start()
         failures = 0
         while not self._stopping.is_set():
             token = self._store.changed()
@@ -87,7 +84,7 @@ class Delivery:
     async def deliver_once(self) -> bool:
         """One batch; False when there was nothing to deliver."""
         if self.cursor is None:
-            await self.start()
+            await self._start()
         assert self.cursor is not None
         rows = await self._store.call(self._store.sync.outbox_after, self.cursor, BATCH)
         if not rows:
@@ -110,7 +107,6 @@ class Delivery:
             return
         await self._store.call(self._store.sync.advance_sink, self.sink.name, rows[-1].seq)
         self.cursor = rows[-1].seq
-        self.delivered += len(batch)
         if self.failing:
             self.failing = False
             self._emitter.emit("sink.recovered", sink=self.sink.name, pending=await self._pending())
