@@ -57,12 +57,23 @@ class Sink(Protocol):
     async def aclose(self) -> None: ...
 
 
-class EventFilter:
-    def __init__(self, patterns: Iterable[str] = ("*",)) -> None:
-        self._patterns = tuple(patterns) or ("*",)
+LEVELS = ("debug", "info", "warning", "error")
 
-    def accepts(self, event_name: str) -> bool:
-        return any(fnmatch.fnmatchcase(event_name, p) for p in self._patterns)
+
+class EventFilter:
+    """Which events a sink takes: glob patterns on event names, and a lowest level."""
+
+    def __init__(self, patterns: Iterable[str] = ("*",), min_level: str = "debug") -> None:
+        self._patterns = tuple(patterns) or ("*",)
+        self._min = LEVELS.index(min_level) if min_level in LEVELS else 0
+
+    def accepts(self, record: Record) -> bool:
+        if self._min:
+            level = record.fields.get("level")
+            rank = LEVELS.index(level) if level in LEVELS else len(LEVELS)
+            if rank < self._min:
+                return False
+        return any(fnmatch.fnmatchcase(record.name, p) for p in self._patterns)
 
 
 def stream_is_journal(fd: int) -> bool:
@@ -116,15 +127,17 @@ def write_all(fd: int, data: bytes) -> None:
 class StdoutSink:
     """JSON lines on standard output; under systemd each line carries its journald priority."""
 
-    def __init__(self, events: Iterable[str] = ("*",), fd: int | None = None) -> None:
+    def __init__(
+        self, events: Iterable[str] = ("*",), fd: int | None = None, *, min_level: str = "debug"
+    ) -> None:
         self.name = "stdout"
-        self._filter = EventFilter(events)
+        self._filter = EventFilter(events, min_level)
         self._fd = fd if fd is not None else sys.stdout.fileno()
         self._journal = stream_is_journal(self._fd)
         self._thread = SinkThread(self.name)
 
     def accepts(self, record: Record) -> bool:
-        return self._filter.accepts(record.name)
+        return self._filter.accepts(record)
 
     def _line(self, record: Record) -> bytes:
         if self._journal:
@@ -153,10 +166,12 @@ class FileSink:
     an event delivered again after a crash (its cursor had not moved yet) is written once.
     """
 
-    def __init__(self, path: Path, events: Iterable[str] = ("*",)) -> None:
+    def __init__(
+        self, path: Path, events: Iterable[str] = ("*",), *, min_level: str = "debug"
+    ) -> None:
         self.name = f"file:{path}"
         self.path = path
-        self._filter = EventFilter(events)
+        self._filter = EventFilter(events, min_level)
         self._fd: int | None = None
         self._reopen = False
         self._recent: deque[str] = deque(maxlen=_RECENT_IDS)
@@ -164,7 +179,7 @@ class FileSink:
         self._thread = SinkThread(self.name)
 
     def accepts(self, record: Record) -> bool:
-        return self._filter.accepts(record.name)
+        return self._filter.accepts(record)
 
     def reopen(self) -> None:
         self._reopen = True
@@ -265,7 +280,7 @@ class LineSink:
         self._thread = SinkThread(name)
 
     def accepts(self, record: Record) -> bool:
-        return self._filter.accepts(record.name)
+        return self._filter.accepts(record)
 
     async def write(self, records: Sequence[Record]) -> None:
         lines = [line for r in records if (line := self._render(r)) is not None]
