@@ -18,15 +18,18 @@ from xcloudd.config import (
     DEFAULT_CONFIG_PATH,
     KNOWN_KEYS,
     Config,
+    FileSinkConfig,
+    HttpSinkConfig,
+    JournaldSinkConfig,
     PollingConfig,
-    SinkConfig,
+    SlackSinkConfig,
+    StdoutSinkConfig,
     default_state_path,
     load_config,
     parse_duration,
     resolve_config_path,
 )
 from xcloudd.errors import ConfigError, ExitCode
-from xcloudd.runtime import refuse_unsupported
 
 REPO = Path(__file__).resolve().parents[1]
 KEY_ID = "2X9R4HXF34"
@@ -121,7 +124,8 @@ def test_minimal_config_gets_the_documented_defaults(load: Load, tmp_path: Path)
         interval=30, min_interval=5, max_interval=300, give_up_after=10800, budget=0.8
     )
     assert config.server is None
-    assert config.sinks == (SinkConfig(type="stdout", events=("*",)),)
+    assert config.sinks == (StdoutSinkConfig(events=("*",), min_level="debug"),)
+    assert config.sinks[0].type == "stdout"
     assert config.jobs == ()
     assert config.watches == ()
 
@@ -148,9 +152,8 @@ def test_example_config_documents_every_key_and_loads(tmp_path: Path, key_file: 
     assert config.api.key.key_id == "XXXXXXXXXX"
     assert config.state.path == tmp_path / ".local" / "state" / "xcloudd" / "state.db"
     assert config.polling == PollingConfig()
-    # [server] is shown commented out until this version serves it.
+    # [server] is shown commented out: it is optional.
     assert config.server is None
-    refuse_unsupported(config)
     assert [s.type for s in config.sinks] == ["stdout", "file"]
     assert [j.name for j in config.jobs] == ["nightly-main", "release-candidate", "pr-check"]
     nightly = config.job("nightly-main")
@@ -452,13 +455,17 @@ JOB = f'[[jobs]]\nname = "j"\nworkflow = "{WORKFLOW_ID}"\n'
             "only",
         ),
         # sinks
-        (API + '\n[[sinks]]\ntype = "kafka"\n', "sinks[0].type", 'one of "stdout" | "file"'),
+        (
+            API + '\n[[sinks]]\ntype = "kafka"\n',
+            "sinks[0].type",
+            'unknown sink type "kafka"; use one of stdout, journald, file, http, slack',
+        ),
         (API + "\n[[sinks]]\nevents = []\n", "sinks[0].type", "missing; add type"),
         (API + '\n[[sinks]]\ntype = "file"\n', "sinks[0].path", 'a "file" sink needs path'),
         (API + '\n[[sinks]]\ntype = "slack"\n', "sinks[0].url", 'a "slack" sink needs url'),
         (API + '\n[[sinks]]\ntype = "stdout"\npath = "x"\n', "sinks[0].path", "does not apply"),
         (API + '\n[[sinks]]\ntype = "file"\npath = "x"\nformat = "loki"\n', "sinks[0].format", ""),
-        (API + '\n[[sinks]]\ntype = "http"\nurl = "x"\nformat = "csv"\n', "sinks[0].url", "URL"),
+        (API + '\n[[sinks]]\ntype = "http"\nurl = "x"\n', "sinks[0].url", "URL"),
         (
             API + '\n[[sinks]]\ntype = "http"\nurl = "http://x"\nformat = "csv"\n',
             "sinks[0].format",
@@ -804,3 +811,278 @@ def test_every_command_refuses_what_the_schedule_refuses(load: Load, fail: Fail)
     assert "jobs[0].every: every must be at least 1 second, got 0.5" in fail(
         API + JOB + "every = 0.5\n"
     )
+
+
+# --- sinks ------------------------------------------------------------------------------------
+
+HEADER_VALUE = "hdr-secret-value-42"
+PASSWORD = "pw-secret-value-42"
+SECRET_PARTS = ("slacksecretpart", "hdr-secret", "pw-secret", "urlsecret")
+
+
+@pytest.fixture
+def creds(tmp_path: Path) -> Path:
+    directory = tmp_path / "creds"
+    directory.mkdir()
+    (directory / "slack").write_text(SLACK_URL + "\n")
+    (directory / "api-key").write_text(f"  {HEADER_VALUE}\n")
+    (directory / "blank").write_text("\n")
+    return directory
+
+
+@pytest.fixture
+def sink_env(env: dict[str, str], creds: Path) -> dict[str, str]:
+    return {
+        **env,
+        "CREDENTIALS_DIRECTORY": str(creds),
+        "LOKI_PASSWORD": PASSWORD,
+        "HDR": HEADER_VALUE,
+        "EMPTY": "",
+    }
+
+
+@pytest.fixture
+def load_sinks(config_path: Path, key_file: Path, sink_env: dict[str, str]) -> Load:
+    def _load(text: str) -> Config:
+        config_path.write_text(API + text)
+        return load_config(config_path, sink_env)
+
+    return _load
+
+
+def test_every_sink_type_loads_with_its_values(load_sinks: Load, tmp_path: Path) -> None:
+    config = load_sinks(
+        """
+[[sinks]]
+type = "stdout"
+
+[[sinks]]
+type = "journald"
+min_level = "info"
+
+[[sinks]]
+type = "journald"
+socket = "run/journal.sock"
+
+[[sinks]]
+type = "file"
+path = "events.jsonl"
+events = ["build.*", "schedule.*"]
+min_level = "warning"
+
+[[sinks]]
+type = "http"
+url = "https://logs.example.com/loki/api/v1/push?token=urlsecret"
+format = "loki"
+headers = { "X-Api-Key" = "credential:api-key", "X-Env" = "env:HDR", "X-Plain" = "plain" }
+gzip = true
+timeout = "1m30s"
+batch_max = 10000
+tenant = "ci"
+username = "xcloudd"
+password = "env:LOKI_PASSWORD"
+
+[[sinks]]
+type = "slack"
+url = "credential:slack"
+events = ["build.completed"]
+min_level = "error"
+"""
+    )
+    stdout, journald, journald_here, file, http, slack = config.sinks
+    assert stdout == StdoutSinkConfig()
+    assert (stdout.type, stdout.events, stdout.min_level) == ("stdout", ("*",), "debug")
+    assert journald == JournaldSinkConfig(min_level="info")
+    assert journald.socket == Path("/run/systemd/journal/socket")
+    assert journald.type == "journald"
+    # Relative paths are next to the config file, as everywhere else.
+    assert journald_here.socket == tmp_path / "run" / "journal.sock"
+    assert isinstance(file, FileSinkConfig)
+    assert (file.type, file.path) == ("file", tmp_path / "events.jsonl")
+    assert (file.events, file.min_level) == (("build.*", "schedule.*"), "warning")
+    assert isinstance(http, HttpSinkConfig)
+    assert http.type == "http"
+    assert http.url == "https://logs.example.com/loki/api/v1/push?token=urlsecret"
+    # env: and credential: values are what they refer to (a credential file is stripped).
+    assert dict(http.headers) == {
+        "X-Api-Key": HEADER_VALUE,
+        "X-Env": HEADER_VALUE,
+        "X-Plain": "plain",
+    }
+    assert (http.format, http.gzip, http.timeout, http.batch_max) == ("loki", True, 90, 10000)
+    assert (http.tenant, http.username, http.password) == ("ci", "xcloudd", PASSWORD)
+    assert isinstance(slack, SlackSinkConfig)
+    assert (slack.type, slack.url, slack.events, slack.min_level) == (
+        "slack",
+        SLACK_URL,
+        ("build.completed",),
+        "error",
+    )
+    # The daemon reads secrets as plain strings; repr() shows none of them.
+    assert str(http.password) == PASSWORD
+    assert f"{slack.url}" == SLACK_URL
+    text = repr(config) + str(config)
+    for part in SECRET_PARTS:
+        assert part not in text
+    assert HEADER_VALUE not in text
+    assert "X-Api-Key" in text  # the names are no secret
+    # Configs stay hashable and compare by value, so a reload can tell what changed.
+    assert hash(config) == hash(load_sinks(Path(config.path).read_text().removeprefix(API)))
+
+
+def test_http_sink_defaults(load_sinks: Load) -> None:
+    (http,) = load_sinks('[[sinks]]\ntype = "http"\nurl = "http://127.0.0.1:3100/push"\n').sinks
+    assert http == HttpSinkConfig(url="http://127.0.0.1:3100/push")
+    assert isinstance(http, HttpSinkConfig)
+    assert (http.format, dict(http.headers), http.gzip, http.timeout, http.batch_max) == (
+        "json",
+        {},
+        False,
+        10,
+        500,
+    )
+    assert (http.tenant, http.username, http.password) == (None, None, None)
+    assert (http.events, http.min_level) == (("*",), "debug")
+
+
+def test_no_sinks_table_means_one_stdout_sink_and_an_empty_array_none(load: Load) -> None:
+    assert load(API).sinks == (StdoutSinkConfig(),)
+    assert load("sinks = []\n" + API).sinks == ()
+
+
+def test_known_keys_of_sinks_are_those_of_every_type() -> None:
+    assert KNOWN_KEYS["sinks"][0] == "type"
+    assert set(KNOWN_KEYS["sinks"]) == {
+        "type",
+        "events",
+        "min_level",
+        "socket",
+        "path",
+        "url",
+        "format",
+        "headers",
+        "gzip",
+        "timeout",
+        "batch_max",
+        "tenant",
+        "username",
+        "password",
+    }
+
+
+HTTP = '[[sinks]]\ntype = "http"\nurl = "https://logs.example.com/push"\n'
+SLACK = '[[sinks]]\ntype = "slack"\n'
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "reason"),
+    [
+        # the union of types
+        ('[[sinks]]\ntype = "foo"\n', "sinks[0].type", 'unknown sink type "foo"; use one of'),
+        ("[[sinks]]\ntype = 3\n", "sinks[0].type", "unknown sink type 3"),
+        ("[[sinks]]\nmin_level = 'info'\n", "sinks[0].type", "missing; add type = one of stdout"),
+        ('[[sinks]]\ntype = "http"\n', "sinks[0].url", 'missing; a "http" sink needs url = "..."'),
+        ('[[sinks]]\ntype = "file"\nsocket = "x"\npath = "p"\n', "sinks[0].socket", "does not"),
+        (SLACK + 'url = "https://h"\nheaders = {}\n', "sinks[0].headers", 'type = "slack"; remove'),
+        ('[[sinks]]\ntype = "stdout"\nformat = "json"\n', "sinks[0].format", "does not apply"),
+        (HTTP + 'formt = "json"\n', "sinks[0].formt", "did you mean 'format'?"),
+        # common keys
+        ('[[sinks]]\ntype = "stdout"\nmin_level = "fatal"\n', "sinks[0].min_level", '"debug" |'),
+        ('[[sinks]]\ntype = "stdout"\nevents = [""]\n', "sinks[0].events", "empty pattern"),
+        ('[[sinks]]\ntype = "stdout"\nevents = [1]\n', "sinks[0].events[0]", "expected a string"),
+        # journald
+        ('[[sinks]]\ntype = "journald"\nsocket = 1\n', "sinks[0].socket", "expected a string"),
+        ('[[sinks]]\ntype = "journald"\nsocket = ""\n', "sinks[0].socket", "must not be empty"),
+        # http
+        (HTTP.replace("https://logs.example.com/push", "logs"), "sinks[0].url", "http:// or"),
+        (HTTP + 'format = "csv"\n', "sinks[0].format", 'expected one of "json" | "loki" | "otlp"'),
+        (HTTP + "gzip = 1\n", "sinks[0].gzip", "expected true or false, got 1"),
+        (HTTP + 'timeout = "0s"\n', "sinks[0].timeout", "must be more than 0"),
+        (HTTP + 'timeout = "soon"\n', "sinks[0].timeout", 'expected a duration like "90s"'),
+        (HTTP + "batch_max = 0\n", "sinks[0].batch_max", "must be from 1 to 10000, got 0"),
+        (HTTP + "batch_max = 10001\n", "sinks[0].batch_max", "default 500"),
+        (HTTP + "batch_max = 1.5\n", "sinks[0].batch_max", "expected a whole number like 500"),
+        (HTTP + 'tenant = "ci"\n', "sinks[0].tenant", 'only applies to format = "loki"'),
+        (HTTP + 'format = "loki"\ntenant = ""\n', "sinks[0].tenant", "must not be empty"),
+        (HTTP + 'username = "u"\n', "sinks[0].password", "missing; basic auth needs password"),
+        (HTTP + 'password = "env:LOKI_PASSWORD"\n', "sinks[0].username", "needs username"),
+        (
+            HTTP.replace("https://", "https://me@") + 'username = "u"\npassword = "p"\n',
+            "sinks[0].username",
+            "conflicts with the user name in url",
+        ),
+        (HTTP + 'headers = "X-Api-Key: hdr-secret"\n', "sinks[0].headers", "expected a table"),
+        (HTTP + 'headers = { "X Key" = "v" }\n', 'sinks[0].headers."X Key"', "not a valid header"),
+        (HTTP + 'headers = { "X-A" = "v", "x-a" = "w" }\n', "sinks[0].headers.x-a", "same header"),
+        (
+            HTTP + 'headers = { "X-A" = 12345 }\n',
+            "sinks[0].headers.X-A",
+            "expected a string, got an",
+        ),
+        (HTTP + 'headers = { "X-A" = " " }\n', "sinks[0].headers.X-A", "must not be empty"),
+        (HTTP + 'headers = { "X-A" = "env:NOPE" }\n', "sinks[0].headers.X-A", "NOPE is not set"),
+        (HTTP + 'headers = { "X-A" = "env:EMPTY" }\n', "sinks[0].headers.X-A", "EMPTY is empty"),
+        (HTTP + 'headers = { "X-A" = "env:1X" }\n', "sinks[0].headers.X-A", '"env:NAME" with a'),
+        (HTTP + 'headers = { "X-A" = "credential:no" }\n', "sinks[0].headers.X-A", "no such file"),
+        (HTTP + 'headers = { "X-A" = "credential:blank" }\n', "sinks[0].headers.X-A", "is empty"),
+        (HTTP + 'headers = { "X-A" = "credential:../x" }\n', "sinks[0].headers.X-A", "plain name"),
+        (HTTP + 'headers = { "X-A" = "a\\nb" }\n', "sinks[0].headers.X-A", "line break"),
+        (HTTP + 'username = "u"\npassword = "env:NOPE"\n', "sinks[0].password", "NOPE is not set"),
+        (HTTP + 'username = "u"\npassword = 123\n', "sinks[0].password", "got an integer"),
+        # slack
+        ('[[sinks]]\ntype = "slack"\n', "sinks[0].url", 'a "slack" sink needs url'),
+        (SLACK + 'url = "http://hooks.slack.com/x"\n', "sinks[0].url", "expected an https:// URL"),
+        (SLACK + 'url = "env:NOPE"\n', "sinks[0].url", "environment variable NOPE is not set"),
+        (SLACK + 'url = "env:HDR"\n', "sinks[0].url", "expected an http:// or https:// URL"),
+        (SLACK + 'url = "credential:nope"\n', "sinks[0].url", "no such file"),
+    ],
+)
+def test_sink_mistakes_name_the_key(
+    load_sinks: Load, config_path: Path, text: str, key: str, reason: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_sinks(text)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{config_path}: {key}: "), message
+    assert reason in message, message
+    for part in (*SECRET_PARTS, HEADER_VALUE, PASSWORD):
+        assert part not in message, message
+
+
+def test_credential_values_need_the_credentials_directory(
+    config_path: Path, key_file: Path, env: dict[str, str]
+) -> None:
+    config_path.write_text(API + SLACK + 'url = "credential:slack"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(config_path, env)
+    assert str(info.value) == (
+        f"{config_path}: sinks[0].url: CREDENTIALS_DIRECTORY is not set; credential: values "
+        'need systemd\'s LoadCredential=slack:/path/to/file in the unit, or use "env:NAME"'
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # Each is wrong in a way that could tempt a message to quote the secret.
+        SLACK + 'url = "ftp://hooks.slack.com/slacksecretpart"\n',
+        SLACK + 'url = "https://hooks.slack.com/slacksecretpart"\nformat = "json"\n',
+        SLACK + 'url = ["https://hooks.slack.com/slacksecretpart"]\n',
+        '[[sinks]]\ntype = "http"\nurl = "ftp://u:urlsecret@h"\n',
+        '[[sinks]]\ntype = "http"\nurl = "https://u:urlsecret@h:99999"\n',
+        '[[sinks]]\ntype = "http"\nurl = { a = "urlsecret" }\n',
+        HTTP + 'headers = { "X-A" = ["hdr-secret"] }\n',
+        HTTP + 'headers = { "X A" = "hdr-secret" }\n',
+        HTTP + 'headers = "hdr-secret"\n',
+        HTTP + 'password = "pw-secret"\n',
+        HTTP + 'username = "u"\npassword = ["pw-secret"]\n',
+        HTTP + 'tenant = "t"\nusername = "u"\npassword = "pw-secret"\n',
+        '[[sinks]]\ntype = "file"\npath = "p"\npassword = "pw-secret"\n',
+    ],
+)
+def test_sink_secrets_never_in_messages(load_sinks: Load, text: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_sinks(text)
+    for part in SECRET_PARTS:
+        assert part not in str(info.value)

@@ -7,18 +7,30 @@ random moments and started again on the same state store and event file.
 
 from __future__ import annotations
 
+import http.server
+import json
 import random
 import signal
 import sqlite3
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from procs import add_fault, in_flight, read_events, sim_runs, simulator_process, start_daemon
+from procs import (
+    add_fault,
+    free_port,
+    in_flight,
+    read_events,
+    sim_runs,
+    simulator_process,
+    start_daemon,
+)
 
 SEED = 20261130
 KILLS = 9
@@ -158,3 +170,108 @@ catch_up = "1h"
     assert schedule_runs == set(ours)
     fired = sum(1 for e in events if e["event"] == "schedule.fired")
     assert fired == len(ours)
+
+
+class _Receiver(http.server.ThreadingHTTPServer):
+    """An HTTP endpoint for the json sink, in a thread: what it was sent, in order."""
+
+    def __init__(self, port: int) -> None:
+        self.received: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                with receiver.lock:
+                    receiver.received.extend(json.loads(body))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *_args: Any) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", port), Handler)
+
+
+def test_events_pending_for_a_down_sink_survive_kill_9(
+    simulator: tuple[str, Path], tmp_path: Path
+) -> None:
+    _url, client_config = simulator
+    events_path = tmp_path / "events.jsonl"
+    state_path = tmp_path / "state.db"
+    port = free_port()
+    config = tmp_path / "config.toml"
+    config.write_text(
+        client_config.read_text(encoding="utf-8")
+        + f"""
+[state]
+path = "{state_path}"
+
+[polling]
+interval = "1s"
+min_interval = "1s"
+
+[[sinks]]
+type = "file"
+path = "{events_path}"
+
+[[sinks]]
+type = "http"
+url = "http://127.0.0.1:{port}/ingest"
+
+[[jobs]]
+name = "ci"
+product = "Acme Shop"
+workflow = "CI"
+branch = "main"
+every = "2s"
+overlap = "allow_all"
+""",
+        encoding="utf-8",
+    )
+    log = tmp_path / "daemon.stderr"
+    daemon = start_daemon(config, log)
+    # Nothing listens on the sink's port: its events wait in the outbox while builds go on.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        if (
+            events_path.exists()
+            and sum(e["event"] == "build.completed" for e in read_events(events_path)) >= 3
+        ):
+            break
+    assert daemon.poll() is None, log.read_text()
+    daemon.send_signal(signal.SIGKILL)
+    daemon.wait()
+    before = read_events(events_path)
+    assert sum(e["event"] == "build.completed" for e in before) >= 3
+    assert [e for e in before if e["event"] == "sink.failed"], "the sink was never reported down"
+
+    receiver = _Receiver(port)
+    thread = threading.Thread(target=receiver.serve_forever, daemon=True)
+    thread.start()
+    try:
+        config.write_text(config.read_text(encoding="utf-8").split("[[jobs]]")[0], "utf-8")
+        daemon = start_daemon(config, log)
+        deadline = time.monotonic() + 30
+        wanted = {e["event_id"] for e in before}
+        while time.monotonic() < deadline:
+            time.sleep(0.3)
+            with receiver.lock:
+                got = {e["event_id"] for e in receiver.received}
+            if wanted <= got:
+                break
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=20) == 0, log.read_text()
+    finally:
+        receiver.shutdown()
+        receiver.server_close()
+
+    after = read_events(events_path)
+    ids = [e["event_id"] for e in receiver.received]
+    # Everything the file sink had before the kill reached the HTTP sink after the restart,
+    # once each, in the same order; and so did what the second process wrote.
+    assert len(ids) == len(set(ids))
+    assert ids == [e["event_id"] for e in after]
+    assert ids[: len(before)] == [e["event_id"] for e in before]

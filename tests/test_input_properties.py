@@ -44,6 +44,8 @@ KEY_ID = "2X9R4HXF34"
 ISSUER = "69a6de70-03db-47e3-e053-5b8c7c11a4d1"
 WORKFLOW_ID = "a3946af0-cc38-4e0b-acba-5575c8dad050"
 KEY_FILE = f"AuthKey_{KEY_ID}.p8"
+# In the sinks' URLs, password and (through the environment) a header: never to be shown.
+SECRET = "sekrit-0f9a8b7c"
 
 PEM = (
     ec.generate_private_key(ec.SECP256R1())
@@ -133,7 +135,21 @@ BASE: dict[str, Any] = {
     },
     "sinks": [
         {"type": "stdout", "events": ["build.*", "schedule.*"]},
-        {"type": "file", "path": "events.jsonl"},
+        {"type": "file", "path": "events.jsonl", "min_level": "info"},
+        {"type": "journald", "socket": "journal.sock"},
+        {
+            "type": "http",
+            "url": f"https://logs.example.com/push?token={SECRET}",
+            "format": "loki",
+            "headers": {"X-Api-Key": "env:XCLOUDD_TEST_HEADER", "X-Team": "ci"},
+            "gzip": True,
+            "timeout": "10s",
+            "batch_max": 500,
+            "tenant": "ci",
+            "username": "xcloudd",
+            "password": SECRET,
+        },
+        {"type": "slack", "url": f"https://hooks.slack.com/services/T0/B0/{SECRET}"},
     ],
     "jobs": [
         {
@@ -186,8 +202,11 @@ def walk(value: Any, path: Path_ = ()) -> Iterator[Path_]:
 
 
 LOCATIONS = list(walk(BASE))
-# Tables that accept keys: the root, [api], [[jobs]] entries...
-TABLES: list[Path_] = [(), *(p for p in LOCATIONS if isinstance(get(BASE, p), dict))]
+# Tables that accept keys: the root, [api], [[jobs]] entries... (not headers: any name goes)
+TABLES: list[Path_] = [
+    (),
+    *(p for p in LOCATIONS if isinstance(get(BASE, p), dict) and p[-1] != "headers"),
+]
 
 
 def table_kind(path: Path_) -> str:
@@ -365,6 +384,18 @@ KEY_REFS = st.one_of(
     ),
 )
 TYPES = st.sampled_from(["stdout", "file", "http", "slack", "journald", "kafka", "STDOUT", ""])
+SECRET_REFS = st.one_of(
+    TEXT,
+    st.sampled_from(
+        [
+            *words("env:XCLOUDD_TEST_HEADER env:NOPE env: env:1X credential:x credential:../x"),
+            f"env:{SECRET}",
+            "two\nlines",
+            SECRET,
+        ]
+    ),
+)
+HEADER_NAMES = st.one_of(KEY_NAMES, st.sampled_from(["X-Api-Key", "x-api-key", "Authorization"]))
 JOB_NAMES = st.one_of(TEXT, st.sampled_from(["nightly-main", "release", "pr-check", "-x", "a b"]))
 
 # What each key is given when a mutation sets it: a plausible mistake more often than not.
@@ -388,7 +419,15 @@ PLAUSIBLE: dict[str, st.SearchStrategy[Any]] = {
     "at": DATES,
     "listen": LISTENS,
     "base_url": URLS,
-    "url": URLS,
+    "url": URLS | SECRET_REFS,
+    "headers": st.dictionaries(HEADER_NAMES, SECRET_REFS | VALUES, max_size=3),
+    "password": SECRET_REFS,
+    "username": st.one_of(TEXT, st.just("user:name")),
+    "tenant": TEXT,
+    "format": st.sampled_from(["json", "loki", "otlp", "csv", "JSON", ""]),
+    "min_level": st.sampled_from(["debug", "info", "warning", "error", "fatal", "INFO", ""]),
+    "batch_max": st.integers(min_value=-1, max_value=20000),
+    "socket": st.one_of(TEXT, st.sampled_from(["/run/systemd/journal/socket", "", "~/j"])),
     "private_key": KEY_REFS,
     "type": TYPES,
     "name": JOB_NAMES,
@@ -517,6 +556,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, workdir: Path) -> None:
     monkeypatch.delenv("XCLOUDD_CONFIG", raising=False)
     monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
     monkeypatch.delenv("NOPE", raising=False)
+    monkeypatch.setenv("XCLOUDD_TEST_HEADER", SECRET)
     monkeypatch.setenv("HOME", str(workdir / "home"))
     monkeypatch.setenv("STATE_DIRECTORY", str(workdir / "default-state"))
 
@@ -534,7 +574,7 @@ def test_the_base_config_is_valid_and_round_trips(
     assert main(["--config", str(path), "check"]) == 0
     captured = capsys.readouterr()
     assert captured.err == ""
-    assert "valid (3 jobs, 1 watches, 2 sinks" in captured.out
+    assert "valid (3 jobs, 1 watches, 5 sinks" in captured.out
 
 
 @settings(SETTINGS, max_examples=1500)
@@ -558,6 +598,7 @@ def test_any_config_is_valid_or_one_line_naming_file_and_key(
     captured = capsys.readouterr()
     assert listing(workdir) == before, "check created files (the state store?)"
     assert_no_key_material(captured.err + captured.out)
+    assert SECRET not in captured.err + captured.out
     if code == 0:
         assert captured.err == ""
         return

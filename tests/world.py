@@ -10,6 +10,7 @@ milliseconds and the daemon sees instants in the order a real clock would give t
 from __future__ import annotations
 
 import asyncio
+import inspect
 import io
 import itertools
 import json
@@ -113,13 +114,18 @@ class World:
         return load_config(self.config_path)
 
     async def run(self, config: Config, *steps: Any) -> ExitCode:
-        """Run one daemon process: each step is an instant to reach, or a callable to call."""
-        async with open_runtime(config, sinks=build_sinks(config.sinks), clock=self.clock) as rt:
+        """Run one daemon process: each step is an instant to reach, or a callable to call
+        (and await, when it returns an awaitable)."""
+        async with open_runtime(
+            config, sinks=lambda s: build_sinks(config.sinks, session=s), clock=self.clock
+        ) as rt:
             self.rt = rt
             pump = Pump(self.clock, Daemon(rt), rt)
             for step in steps:
                 if callable(step):
-                    step()
+                    result = step()
+                    if inspect.isawaitable(result):
+                        await result
                 else:
                     await pump.until(step)
             code = await pump.stop()

@@ -15,7 +15,7 @@ import asyncio
 import email.utils
 import math
 import random
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC
@@ -467,6 +467,11 @@ class AscClient:
         self._breaker = CircuitBreaker(clock, emitter, self._rng)
         self._last_success: float | None = None
         self.requests = 0
+        # For /metrics and /readyz: requests by (endpoint class, status), the last
+        # X-Rate-Limit seen, and whether the last exchange reached App Store Connect.
+        self.outcomes: Counter[tuple[str, str]] = Counter()
+        self.rate_limit_seen: tuple[int, int] | None = None
+        self.reachable: bool | None = None
         # Requests on the wire now (tests on virtual time wait for none before moving time).
         self.exchanging = 0
 
@@ -516,9 +521,13 @@ class AscClient:
                 rl = RateLimit.parse(resp.headers.get("X-Rate-Limit"))
                 if rl is not None:
                     self.budget.observe(rl)
+                    self.rate_limit_seen = (rl.limit, rl.remaining)
+                self.outcomes[endpoint_class(call.method, call.url.path), str(resp.status)] += 1
+                self.reachable = resp.status < 500
                 raw = await _read_capped(resp, what)
                 status, resp_headers = resp.status, resp.headers
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            self._unreachable(call)
             raise _Trouble(_transport_reason(exc), delivered=False) from None
         except (
             aiohttp.ClientError,
@@ -528,6 +537,7 @@ class AscClient:
             EOFError,
             ValueError,  # UnicodeDecodeError and other undecodable headers or bodies
         ) as exc:
+            self._unreachable(call)
             raise _Trouble(_transport_reason(exc), delivered=True) from None
         parsed: object = None
         if raw:
@@ -541,6 +551,10 @@ class AscClient:
         if status < 300 and not isinstance(parsed, dict):
             raise BadResponse(f"App Store Connect sent no JSON object to {what}")
         return _Answer(status, parsed, resp_headers)
+
+    def _unreachable(self, call: _Call) -> None:
+        self.outcomes[endpoint_class(call.method, call.url.path), "error"] += 1
+        self.reachable = False
 
     async def _send(self, call: _Call) -> _Answer:
         """One request through the circuit breaker and the budget."""
@@ -746,6 +760,14 @@ class AscClient:
                     continue
                 self.budget.throttled(given or 0.0)
             raise self._refusal(call, answer)
+
+
+def endpoint_class(method: str, path: str) -> str:
+    """ "GET /v1/ciBuildRuns/{id}": the path with its ids taken out, a bounded metric label."""
+    parts = path.strip("/").split("/")
+    for i in range(2, len(parts), 2):
+        parts[i] = "{id}"
+    return f"{method} /{'/'.join(parts)}"
 
 
 async def _read_capped(resp: aiohttp.ClientResponse, what: str) -> bytearray:

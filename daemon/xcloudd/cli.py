@@ -14,9 +14,12 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import NoReturn, TextIO
+from typing import TYPE_CHECKING, NoReturn, TextIO
 
 from xcloudd import __version__
+
+if TYPE_CHECKING:
+    import aiohttp
 from xcloudd.config import Config, load_config, resolve_config_path
 from xcloudd.errors import ExitCode, UsageError, XcloudError, redact_key_material
 from xcloudd.runtime import (
@@ -26,6 +29,7 @@ from xcloudd.runtime import (
     refuse_unsupported,
     wants_console,
 )
+from xcloudd.sinks import Sink
 
 _MAX_COUNT = 1000
 _FROM_YEARS = (1970, 9000)  # [first, last + 1]
@@ -106,9 +110,15 @@ async def _with_runtime(
     # know it) and shows only its own events; the daemon delivers them to the configured sinks.
     # Without one, an in-memory store serves the command and it delivers to them itself.
     shared = config.state.path.exists()
-    sinks = build_sinks(
-        () if shared else config.sinks, console=console, console_stream=console_stream
-    )
+
+    def sinks(session: aiohttp.ClientSession) -> list[Sink]:
+        return build_sinks(
+            () if shared else config.sinks,
+            session=session,
+            console=console,
+            console_stream=console_stream,
+        )
+
     async with open_runtime(
         config, sinks=sinks, store_path=config.state.path if shared else None, durable=not shared
     ) as rt:

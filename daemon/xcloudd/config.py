@@ -4,6 +4,12 @@ Every mistake is one ConfigError naming the file, the dotted key and the reason,
 `xcloudd check` or a failed `systemctl start` tells the user exactly which line to edit.
 The signing key is loaded and checked here too: a bad key is a config problem that should
 stop the daemon at start-up, not 401s an hour later.
+
+Which tables and keys exist, and their types, is declared once, as msgspec Structs: msgspec
+decodes the parsed TOML into them and refuses unknown keys, and `_explain` rewords its errors
+into ours. What msgspec cannot check (durations, cron, time zones, URLs, keys that exclude
+each other, the signing key) is code on top of the decoded values. A new sink type is one
+more Struct in the SinkConfig union.
 """
 
 from __future__ import annotations
@@ -14,14 +20,17 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time
+from functools import partial
 from pathlib import Path
-from typing import Literal, TypeVar, cast
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Self, TypeAlias, get_args, get_origin
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import msgspec
+import msgspec.inspect as mi
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import dsa, ed448, ed25519, rsa, x448, x25519
 from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1, EllipticCurvePrivateKey
@@ -29,6 +38,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from xcloudd.durations import format_duration, parse_duration
 from xcloudd.errors import ConfigError, looks_like_key_material
+from xcloudd.events import Level
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -36,12 +46,17 @@ __all__ = [
     "KNOWN_KEYS",
     "ApiConfig",
     "Config",
+    "FileSinkConfig",
+    "HttpSinkConfig",
     "JobConfig",
+    "JournaldSinkConfig",
     "PollingConfig",
     "ServerConfig",
     "SigningKey",
     "SinkConfig",
+    "SlackSinkConfig",
     "StateConfig",
+    "StdoutSinkConfig",
     "WatchConfig",
     "default_state_path",
     "is_workflow_id",
@@ -53,46 +68,12 @@ __all__ = [
 DEFAULT_CONFIG_PATH = Path("/etc/xcloudd/config.toml")
 DEFAULT_BASE_URL = "https://api.appstoreconnect.apple.com"
 
-# Every key each table accepts; anything else is a typo that would otherwise be silently ignored.
-KNOWN_KEYS: Mapping[str, tuple[str, ...]] = {
-    "": ("api", "state", "polling", "server", "sinks", "jobs", "watches"),
-    "api": ("issuer_id", "key_id", "private_key", "base_url", "timeout"),
-    "state": ("path", "outbox_max_events", "outbox_max_age"),
-    "polling": ("interval", "min_interval", "max_interval", "give_up_after", "budget"),
-    "server": ("listen", "webhook_token"),
-    "sinks": ("type", "events", "path", "url", "format"),
-    "jobs": (
-        "name",
-        "workflow",
-        "product",
-        "branch",
-        "tag",
-        "pull_request",
-        "clean",
-        "cron",
-        "every",
-        "at",
-        "timezone",
-        "jitter",
-        "overlap",
-        "catch_up",
-        "enabled",
-    ),
-    "watches": ("workflow", "product"),
-}
-
-SinkType = Literal["stdout", "file", "http", "slack"]
-SinkFormat = Literal["json", "loki", "otlp"]
-Overlap = Literal["skip", "buffer_one", "allow_all"]
-
-_SINK_TYPES: tuple[SinkType, ...] = ("stdout", "file", "http", "slack")
-_SINK_FORMATS: tuple[SinkFormat, ...] = ("json", "loki", "otlp")
-_OVERLAPS: tuple[Overlap, ...] = ("skip", "buffer_one", "allow_all")
-
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _KEY_ID = re.compile(r"[A-Z0-9]{10}")
 _JOB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# RFC 9110 token characters: anything else in a header name breaks the request.
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 # Apple names downloaded keys AuthKey_<KEY ID>.p8; a mismatch means a 401 on every request.
 _AUTHKEY_FILE = re.compile(r"AuthKey_([A-Z0-9]{10})\.p8")
 _RFC3339 = re.compile(
@@ -117,11 +98,75 @@ _OUTBOX_MIN_EVENTS = 1000
 # SQLite integers are 64-bit; far below that, a billion events is already a huge outbox.
 _OUTBOX_MAX_EVENTS = 1_000_000_000
 _OUTBOX_MIN_AGE = 3600.0
+_OUTBOX_MAX_AGE = 7 * 86400.0  # the default
 
 
 def is_workflow_id(text: str) -> bool:
     """Xcode Cloud workflow ids are UUIDs; anything else is taken as a workflow name."""
     return _UUID.fullmatch(text) is not None
+
+
+# --- field types ----------------------------------------------------------------------------
+
+
+class Secret(str):
+    """A credential: the real value wherever a str is read, '<secret>' in repr()."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "'<secret>'"
+
+
+# A string setting; an empty or blank one is refused (remove the key instead).
+Text = Annotated[str, msgspec.Meta(pattern=r"\S")]
+
+
+class _Boxed:
+    """A decoded value of one of the field types below, until its Struct takes it out."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+
+# Values written in a friendlier form than their type. msgspec does not know these classes,
+# so it hands their values to _Context.decode; that returns the value in an instance of the
+# class (msgspec checks), and the Struct takes it out (_Table.__post_init__). What the fields
+# hold, and what mypy is told, is plain floats and datetimes: orjson and msgspec refuse to
+# encode subclasses of those.
+if TYPE_CHECKING:
+    Duration: TypeAlias = float
+    PositiveDuration: TypeAlias = float
+    Instant: TypeAlias = datetime
+    SecretText: TypeAlias = str
+else:
+
+    class Duration(_Boxed):
+        """Seconds, written "1h30m", "90s" or as a number; at most 100 years."""
+
+    class PositiveDuration(_Boxed):
+        """A Duration above 0."""
+
+    class Instant(_Boxed):
+        """An RFC 3339 date-time with a UTC offset, as a TOML date-time or a string."""
+
+    SecretText = Secret  # a string that repr() does not show
+
+
+# --- the config values ----------------------------------------------------------------------
+
+
+class _Table(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One TOML table: frozen (configs compare and hash by value; mypy wants frozen=True on
+    each subclass too), and any other key is a typo that would otherwise be silently ignored."""
+
+    def __post_init__(self) -> None:
+        for name in self.__struct_fields__:
+            value = getattr(self, name)
+            if isinstance(value, _Boxed):
+                msgspec.structs.force_setattr(self, name, value.value)
 
 
 @dataclass(frozen=True)
@@ -141,20 +186,30 @@ class ApiConfig:
     timeout: float = 30.0
 
 
-@dataclass(frozen=True)
-class StateConfig:
+class _ApiTable(_Table, frozen=True, kw_only=True):
+    """[api] as written; load_config turns it into an ApiConfig with the loaded key."""
+
+    issuer_id: Text | None = None
+    key_id: Text
+    private_key: Text
+    base_url: Text = DEFAULT_BASE_URL
+    timeout: PositiveDuration = 30.0
+
+
+class StateConfig(_Table, frozen=True):
     path: Path
     # Bounds on events waiting in the outbox for a sink that is down; older ones are dropped.
-    outbox_max_events: int = 100_000
-    outbox_max_age: float = 7 * 86400.0  # seconds
+    outbox_max_events: Annotated[
+        int, msgspec.Meta(ge=_OUTBOX_MIN_EVENTS, le=_OUTBOX_MAX_EVENTS)
+    ] = 100_000
+    outbox_max_age: Duration = _OUTBOX_MAX_AGE
 
 
-@dataclass(frozen=True)
-class PollingConfig:
-    interval: float = 30.0
-    min_interval: float = 5.0
-    max_interval: float = 300.0
-    give_up_after: float = 10800.0
+class PollingConfig(_Table, frozen=True):
+    interval: PositiveDuration = 30.0
+    min_interval: PositiveDuration = 5.0
+    max_interval: PositiveDuration = 300.0
+    give_up_after: PositiveDuration = 10800.0
     budget: float = 0.8
 
 
@@ -165,32 +220,151 @@ class ServerConfig:
     webhook_token: str | None = field(default=None, repr=False)
 
 
-@dataclass(frozen=True)
-class SinkConfig:
-    type: SinkType
+class _ServerTable(_Table, frozen=True):
+    """[server] as written; load_config splits listen into host and port."""
+
+    listen: Text = "127.0.0.1:9464"
+    webhook_token: SecretText | None = None
+
+
+class _Sink(_Table, frozen=True, tag_field="type", kw_only=True):
+    """What every [[sinks]] entry has. Each sink type is a subclass tagged with its `type`."""
+
+    # Shell-style patterns on event names.
     events: tuple[str, ...] = ("*",)
-    path: Path | None = None
-    # Slack webhook URLs are credentials, and http URLs may carry user:password.
-    url: str | None = field(default=None, repr=False)
-    format: SinkFormat = "json"
+    min_level: Level = "debug"
+
+    @property
+    def type(self) -> str:
+        return str(self.__struct_config__.tag)
+
+    def _finish(self, ctx: _Context, where: str) -> Self:
+        """Checks msgspec cannot make, and secrets read from where they are kept."""
+        return self
 
 
-@dataclass(frozen=True)
-class JobConfig:
-    name: str
-    workflow: str
-    product: str | None = None
-    branch: str | None = None
-    tag: str | None = None
-    pull_request: str | None = None
+class StdoutSinkConfig(_Sink, frozen=True, tag="stdout"):
+    pass
+
+
+class JournaldSinkConfig(_Sink, frozen=True, tag="journald"):
+    socket: Path = Path("/run/systemd/journal/socket")
+
+
+class FileSinkConfig(_Sink, frozen=True, tag="file"):
+    path: Path
+
+
+class _Headers(Mapping[str, str]):
+    """Header names to values: a Mapping that hashes, so that sink configs do too."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[str, str] | None = None) -> None:
+        self._items = dict(items or {})
+
+    def __getitem__(self, name: str) -> str:
+        return self._items[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._items.items()))
+
+    def __repr__(self) -> str:
+        return repr(self._items)
+
+
+class HttpSinkConfig(_Sink, frozen=True, tag="http"):
+    # May carry user:password or a token in the query, so never shown.
+    url: SecretText
+    format: Literal["json", "loki", "otlp"] = "json"
+    # Values may be "env:NAME" or "credential:NAME"; load_config puts in what they refer to.
+    headers: Mapping[str, SecretText] = _Headers()
+    gzip: bool = False
+    timeout: PositiveDuration = 10.0
+    batch_max: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 500
+    tenant: Text | None = None  # Loki's X-Scope-OrgID
+    # Basic auth; the password may be "env:NAME" or "credential:NAME" too.
+    username: Text | None = None
+    password: SecretText | None = None
+
+    def _finish(self, ctx: _Context, where: str) -> Self:
+        problem = _url_problem(self.url)
+        if problem:
+            raise ctx.error(f"{where}.url", problem)
+        headers: dict[str, str] = {}
+        for name, value in self.headers.items():
+            key = _key(f"{where}.headers", name)
+            if not _HEADER_NAME.fullmatch(name):
+                raise ctx.error(key, "is not a valid header name; use letters, digits and '-'")
+            same = next((h for h in headers if h.lower() == name.lower()), None)
+            if same is not None:
+                raise ctx.error(key, f"the same header as {same!r} (names ignore case); remove one")
+            headers[name] = _reveal(ctx, key, value)
+            if "\r" in headers[name] or "\n" in headers[name]:
+                raise ctx.error(key, "the value contains a line break; a header is one line")
+        if self.tenant is not None and self.format != "loki":
+            raise ctx.error(
+                f"{where}.tenant",
+                'only applies to format = "loki" (it is Loki\'s X-Scope-OrgID); remove it',
+            )
+        if (self.username is None) != (self.password is None):
+            have, need = (
+                ("username", "password") if self.password is None else ("password", "username")
+            )
+            raise ctx.error(
+                f"{where}.{need}", f'missing; basic auth needs {need} = "..." with {have}'
+            )
+        if self.username is not None and urlsplit(self.url).username is not None:
+            raise ctx.error(
+                f"{where}.username",
+                "conflicts with the user name in url; give the credentials in one place",
+            )
+        password = (
+            None if self.password is None else _reveal(ctx, f"{where}.password", self.password)
+        )
+        return msgspec.structs.replace(self, headers=_Headers(headers), password=password)
+
+
+class SlackSinkConfig(_Sink, frozen=True, tag="slack"):
+    # A Slack incoming-webhook URL is a credential: may be "env:NAME" or "credential:NAME".
+    url: SecretText
+
+    def _finish(self, ctx: _Context, where: str) -> Self:
+        url = _reveal(ctx, f"{where}.url", self.url)
+        problem = _url_problem(url)
+        if problem is None and urlsplit(url).scheme != "https":
+            problem = "expected an https:// URL (Slack webhook URLs start https://hooks.slack.com/)"
+        if problem:
+            raise ctx.error(f"{where}.url", problem)
+        return msgspec.structs.replace(self, url=url)
+
+
+SinkConfig: TypeAlias = (
+    StdoutSinkConfig | JournaldSinkConfig | FileSinkConfig | HttpSinkConfig | SlackSinkConfig
+)
+
+
+class JobConfig(_Table, frozen=True):
+    name: Text
+    workflow: Text
+    product: Text | None = None
+    branch: Text | None = None
+    tag: Text | None = None
+    pull_request: Text | None = None
     clean: bool | None = None
-    cron: str | None = None
-    every: float | None = None
-    at: datetime | None = None
-    timezone: str = "UTC"
-    jitter: float = 0.0
-    overlap: Overlap = "skip"
-    catch_up: float = 0.0
+    cron: Text | None = None
+    every: PositiveDuration | None = None
+    at: Instant | None = None
+    timezone: Text = "UTC"
+    jitter: Duration = 0.0
+    overlap: Literal["skip", "buffer_one", "allow_all"] = "skip"
+    catch_up: Duration = 0.0
     enabled: bool = True
 
     @property
@@ -198,14 +372,25 @@ class JobConfig:
         return is_workflow_id(self.workflow)
 
 
-@dataclass(frozen=True)
-class WatchConfig:
-    workflow: str
-    product: str | None = None
+class WatchConfig(_Table, frozen=True):
+    workflow: Text
+    product: Text | None = None
 
     @property
     def workflow_is_id(self) -> bool:
         return is_workflow_id(self.workflow)
+
+
+class _Document(_Table, frozen=True):
+    """The whole file as written."""
+
+    api: _ApiTable
+    state: StateConfig  # load_config puts in the default path first: it depends on the env
+    polling: PollingConfig = PollingConfig()
+    server: _ServerTable | None = None
+    sinks: tuple[SinkConfig, ...] = (StdoutSinkConfig(),)
+    jobs: tuple[JobConfig, ...] = ()
+    watches: tuple[WatchConfig, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -224,6 +409,59 @@ class Config:
             if job.name == name:
                 return job
         raise KeyError(name)
+
+
+def _bare(t: mi.Type) -> mi.Type:
+    """`t` without None (TOML has no null) and without msgspec's Metadata wrapper."""
+    if isinstance(t, mi.Metadata):
+        t = t.type
+    if isinstance(t, mi.UnionType):
+        rest = tuple(m for m in t.types if not isinstance(m, mi.NoneType))
+        return rest[0] if len(rest) == 1 else mi.UnionType(rest)
+    return t
+
+
+def _structs(t: mi.Type) -> tuple[mi.StructType, ...]:
+    """The tables `t` declares: one, or several (a tagged union)."""
+    t = _bare(t)
+    if isinstance(t, mi.UnionType):
+        return tuple(s for s in t.types if isinstance(s, mi.StructType))
+    return (t,) if isinstance(t, mi.StructType) else ()
+
+
+def _keys(t: mi.Type) -> tuple[str, ...]:
+    """The keys a table, or an array of tables, of type `t` accepts."""
+    t = _bare(t)
+    structs = _structs(t.item_type if isinstance(t, mi.VarTupleType) else t)
+    tags = [s.tag_field for s in structs[:1] if s.tag_field]
+    return tuple(dict.fromkeys([*tags, *(f.name for s in structs for f in s.fields)]))
+
+
+_DOCUMENT = mi.type_info(_Document)
+assert isinstance(_DOCUMENT, mi.StructType)
+
+# Every key each table accepts, by table ("jobs" for [[jobs]]); [[sinks]] lists the keys of
+# every sink type.
+KNOWN_KEYS: Mapping[str, tuple[str, ...]] = {
+    "": _keys(_DOCUMENT),
+    **{f.name: _keys(f.type) for f in _DOCUMENT.fields},
+}
+
+_TYPES = "use one of " + ", ".join(str(s.tag) for s in _structs(mi.type_info(SinkConfig)))
+_ADD_WORKFLOW = 'add workflow = "<id>" (`xcloudd workflows` lists products and workflow ids)'
+# What to add for a required key that is missing.
+_MISSING: Mapping[tuple[type, str], str] = {
+    (_Document, "api"): (
+        "add an [api] table with key_id and private_key (see config.example.toml)"
+    ),
+    (_ApiTable, "key_id"): 'add key_id = "..." (the 10-character Key ID from App Store Connect)',
+    (_ApiTable, "private_key"): (
+        'add private_key = "/etc/xcloudd/AuthKey_<KEY ID>.p8" (or "env:NAME" or "credential:NAME")'
+    ),
+    (JobConfig, "name"): 'add name = "..." (used in `xcloudd start NAME` and events)',
+    (JobConfig, "workflow"): _ADD_WORKFLOW,
+    (WatchConfig, "workflow"): _ADD_WORKFLOW,
+}
 
 
 def resolve_config_path(cli_value: str | None, env: Mapping[str, str]) -> Path:
@@ -255,25 +493,26 @@ def load_config(path: Path, env: Mapping[str, str] | None = None) -> Config:
     ctx = _Context(
         file=str(path), base_dir=path.absolute().parent, env=os.environ if env is None else env
     )
-    root = _Table(ctx, "", _read_toml(path), KNOWN_KEYS[""])
-    api_table = root.table("api")
-    if api_table is None:
-        raise ctx.error(
-            "api",
-            "missing; add an [api] table with key_id and private_key (see config.example.toml)",
-        )
-    sinks = root.tables("sinks")
+    data = _read_toml(path)
+    # The default state path depends on the environment, so it goes in before decoding.
+    state = data.setdefault("state", {})
+    if isinstance(state, dict) and "path" not in state:
+        state["path"] = str(default_state_path(ctx.env).absolute())
+    try:
+        doc = msgspec.convert(data, _Document, dec_hook=ctx.decode)
+    except msgspec.ValidationError as err:
+        raise ctx.error(*_explain(ctx, str(err), data)) from None
     return Config(
         path=path,
-        api=_parse_api(api_table),
-        state=_parse_state(root.table("state") or _Table(ctx, "state", {}, KNOWN_KEYS["state"])),
-        polling=_parse_polling(
-            root.table("polling") or _Table(ctx, "polling", {}, KNOWN_KEYS["polling"])
+        api=_check_api(ctx, doc.api),
+        state=_check_state(ctx, doc.state),
+        polling=_check_polling(ctx, doc.polling),
+        server=None if doc.server is None else _check_server(ctx, doc.server),
+        sinks=tuple(_check_sink(ctx, f"sinks[{i}]", s) for i, s in enumerate(doc.sinks)),
+        jobs=_unique_jobs(ctx, [_check_job(ctx, f"jobs[{i}]", j) for i, j in enumerate(doc.jobs)]),
+        watches=_unique_watches(
+            ctx, [_check_watch(ctx, f"watches[{i}]", w) for i, w in enumerate(doc.watches)]
         ),
-        server=_map_optional(_parse_server, root.table("server")),
-        sinks=(SinkConfig("stdout"),) if sinks is None else tuple(_parse_sink(t) for t in sinks),
-        jobs=_unique_jobs(ctx, [_parse_job(t) for t in root.tables("jobs") or []]),
-        watches=_unique_watches(ctx, [_parse_watch(t) for t in root.tables("watches") or []]),
     )
 
 
@@ -294,6 +533,18 @@ class _Context:
         if text == "~" or text.startswith("~/"):
             return _home(self.env) / text[2:]
         return self.base_dir / text
+
+    def decode(self, kind: type, value: object) -> object:
+        """msgspec's dec_hook, for the field types above; the reason of a ValueError or
+        TypeError becomes msgspec's error at the field."""
+        parse = _PARSERS.get(kind)
+        if parse is not None:
+            return kind(parse(value))
+        if kind is Path:
+            return self.path(_text(value))
+        if kind is Secret:
+            return Secret(_text(value, secret=True))
+        raise NotImplementedError(kind)
 
 
 def _home(env: Mapping[str, str]) -> Path:
@@ -357,14 +608,6 @@ def _toml_error(text: str, message: str) -> tuple[str, str]:
     return where, f"invalid TOML: {reason}; fix the syntax there"
 
 
-_T = TypeVar("_T")
-_U = TypeVar("_U")
-
-
-def _map_optional(func: Callable[[_T], _U], value: _T | None) -> _U | None:
-    return None if value is None else func(value)
-
-
 def _kind(value: object) -> str:
     if isinstance(value, bool):
         return "a boolean"
@@ -418,158 +661,251 @@ def _escape(char: str) -> str:
     return f"\\u{ord(char):04x}" if ord(char) <= 0xFFFF else f"\\U{ord(char):08x}"
 
 
-class _Table:
-    """One TOML table at a dotted location, with typed getters that raise located errors."""
-
-    def __init__(
-        self, ctx: _Context, where: str, data: Mapping[str, object], known: Sequence[str]
-    ) -> None:
-        self.ctx = ctx
-        self.where = where
-        self.data = data
-        for name in data:
-            if name not in known:
-                close = difflib.get_close_matches(name, known, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise self.error(name, f"unknown key {name!r} (known: {', '.join(known)}){hint}")
-
-    def key(self, name: str) -> str:
-        # As the user would write it in TOML: a dotted path, with odd names quoted.
-        shown = name if _BARE_KEY.fullmatch(name) else _quote(name)
-        return f"{self.where}.{shown}" if self.where else shown
-
-    def error(self, name: str, reason: str) -> ConfigError:
-        return self.ctx.error(self.key(name), reason)
-
-    def wrong_type(self, name: str, expected: str, *, secret: bool = False) -> ConfigError:
-        value = self.data[name]
-        return self.error(name, f"expected {expected}, got {_show(value, secret=secret)}")
-
-    def string(self, name: str, *, secret: bool = False) -> str | None:
-        value = self.data.get(name)
-        if value is None:
-            return None
-        if not isinstance(value, str):
-            raise self.wrong_type(name, "a string", secret=secret)
-        if not value.strip():
-            raise self.error(name, "must not be empty; remove the key or give it a value")
-        return value
-
-    def required_string(self, name: str, hint: str) -> str:
-        value = self.string(name)
-        if value is None:
-            raise self.error(name, f"missing; {hint}")
-        return value
-
-    def boolean(self, name: str) -> bool | None:
-        value = self.data.get(name)
-        if value is None or isinstance(value, bool):
-            return value
-        raise self.wrong_type(name, "true or false")
-
-    def number(self, name: str, default: float) -> float:
-        value = self.data.get(name, default)
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise self.wrong_type(name, "a number")
-        try:
-            number = float(value)
-        except OverflowError:
-            number = math.inf
-        if not math.isfinite(number):
-            raise self.wrong_type(name, "a finite number")
-        return number
-
-    def integer(self, name: str, default: int, *, minimum: int, maximum: int) -> int:
-        value = self.data.get(name, default)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.wrong_type(name, f"a whole number like {default}")
-        if not minimum <= value <= maximum:
-            raise self.error(
-                name, f"must be from {minimum} to {maximum}, got {_show(value)}; default {default}"
-            )
-        return value
-
-    def duration(self, name: str, default: float, *, positive: bool = False) -> float:
-        if name not in self.data:
-            return default
-        try:
-            seconds = parse_duration(self.data[name])
-        except ValueError as err:
-            raise self.error(name, str(err)) from None
-        except OverflowError:
-            # parse_duration turns the number into a float, which a huge integer cannot be.
-            seconds = math.inf
-        if positive and seconds <= 0:
-            raise self.error(name, 'must be more than 0, e.g. "30s"')
-        if not seconds <= _MAX_DURATION:
-            raise self.error(
-                name, f'must be at most 100 years ("36500d"), got {_show(self.data[name])}'
-            )
-        return seconds
-
-    def choice(self, name: str, options: Sequence[_T], default: _T) -> _T:
-        if name not in self.data:
-            return default
-        value = self.data[name]
-        for option in options:
-            if value == option:
-                return option
-        listed = " | ".join(f'"{o}"' for o in options)
-        raise self.error(name, f"expected one of {listed}, got {_show(value)}")
-
-    def table(self, name: str) -> _Table | None:
-        value = self.data.get(name)
-        if value is None:
-            return None
-        if not isinstance(value, dict):
-            raise self.wrong_type(name, f"a table ([{self.key(name)}])")
-        return _Table(self.ctx, self.key(name), value, KNOWN_KEYS[name])
-
-    def tables(self, name: str) -> list[_Table] | None:
-        """An array of tables ([[name]]); None when absent."""
-        value = self.data.get(name)
-        if value is None:
-            return None
-        if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
-            raise self.wrong_type(name, f"an array of tables ([[{name}]] sections)")
-        return [
-            _Table(
-                self.ctx, f"{self.key(name)}[{i}]", cast(dict[str, object], item), KNOWN_KEYS[name]
-            )
-            for i, item in enumerate(value)
-        ]
+def _key(where: str, name: str) -> str:
+    """The key `name` in the table at `where`, as the user would write it: a dotted path,
+    with odd names quoted."""
+    shown = name if _BARE_KEY.fullmatch(name) else _quote(name)
+    return f"{where}.{shown}" if where else shown
 
 
-# --- sections -------------------------------------------------------------------------------
+def _text(value: object, *, secret: bool = False) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {_show(value, secret=secret)}")
+    if not value.strip():
+        raise ValueError(_EMPTY)
+    return value
 
 
-def _parse_api(t: _Table) -> ApiConfig:
-    key_id = t.required_string(
-        "key_id", 'add key_id = "..." (the 10-character Key ID from App Store Connect)'
-    )
-    if not _KEY_ID.fullmatch(key_id):
-        raise t.error(
-            "key_id",
-            f'expected 10 uppercase letters and digits like "2X9R4HXF34", got {_show(key_id)}; '
+_EMPTY = "must not be empty; remove the key or give it a value"
+
+
+def _duration(value: object, *, positive: bool) -> float:
+    try:
+        seconds = parse_duration(value)
+    except OverflowError:
+        # parse_duration turns the number into a float, which a huge integer cannot be.
+        seconds = math.inf
+    if positive and seconds <= 0:
+        raise ValueError('must be more than 0, e.g. "30s"')
+    if not seconds <= _MAX_DURATION:
+        raise ValueError(f'must be at most 100 years ("36500d"), got {_show(value)}')
+    return seconds
+
+
+def _instant(value: object) -> datetime:
+    example = "like 2026-12-24T18:00:00+01:00 (or ...Z for UTC)"
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise ValueError(f"{_show(value)} has no UTC offset; write it {example}")
+        return _in_range(value)
+    if not isinstance(value, str):
+        raise TypeError(f"expected an RFC 3339 date-time with offset {example}, got {_show(value)}")
+    match = _RFC3339.fullmatch(value.strip())
+    if match is None:
+        raise ValueError(
+            f"expected an RFC 3339 date-time with offset {example}, got {_show(value)}"
+        )
+    if match["offset"] is None:
+        raise ValueError(f"{_show(value)} has no UTC offset; write it {example}")
+    text = value.strip()
+    text = text[:10] + "T" + text[11:]
+    if text[-1] in "Zz":
+        text = text[:-1] + "+00:00"
+    try:
+        at = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"{_show(value)} is not a real date and time; check the numbers") from None
+    return _in_range(at)
+
+
+def _in_range(at: datetime) -> datetime:
+    # TOML allows 0001-01-01T00:00:00+01:00, which is no instant Python can hold in UTC, and
+    # 9999-12-31T23:00:00Z, which plus the jitter (up to 100 years) or shown in the job's time
+    # zone is past the end of Python's calendar.
+    try:
+        utc = at.astimezone(UTC)
+    except OverflowError:
+        utc = None
+    if utc is None or utc.year >= _AT_MAX_YEAR:
+        raise ValueError(
+            f"{_show(at)} is out of range; use a date from the year 1 to {_AT_MAX_YEAR - 1}"
+        ) from None
+    return at
+
+
+_PARSERS: Mapping[type, Callable[[object], object]] = {
+    Duration: partial(_duration, positive=False),
+    PositiveDuration: partial(_duration, positive=True),
+    Instant: _instant,
+}
+
+
+# --- msgspec's errors in our words ----------------------------------------------------------
+
+# msgspec's message ends in " - at `$.jobs[0].cron`" (nothing for the top level); a mapping's
+# key shows as "[...]".
+_LOCATED = re.compile(r"(?P<message>.*) - at `\$(?P<path>[^`]*)`", re.DOTALL)
+_STEP = re.compile(r"\.(?P<name>\w+)|\[(?P<index>\d+)\]|\[\.\.\.\]")
+
+
+@dataclass(frozen=True)
+class _Spot:
+    """A place in the document, followed along msgspec's path: its key as the user would
+    write it, the type the Structs declare there and what the file holds there."""
+
+    key: str
+    type: mi.Type
+    value: Any
+    declared: msgspec.structs.FieldInfo | None = None  # when it is a key of a table
+
+    def struct(self) -> mi.StructType | None:
+        """The table declared here; for a tagged union, the one the value's tag picks."""
+        structs = _structs(self.type)
+        if len(structs) == 1:
+            return structs[0]
+        tag = self.value.get(structs[0].tag_field) if structs else None
+        return next((s for s in structs if s.tag == tag), None)
+
+    def field(self, name: str) -> _Spot:
+        struct = self.struct()
+        assert struct is not None
+        info = next(f for f in struct.fields if f.name == name)
+        declared = next(f for f in msgspec.structs.fields(struct.cls) if f.name == name)
+        return _Spot(_key(self.key, name), info.type, self.value[name], declared)
+
+    def item(self, index: int) -> _Spot:
+        t = _bare(self.type)
+        assert isinstance(t, mi.VarTupleType)
+        return _Spot(f"{self.key}[{index}]", t.item_type, self.value[index])
+
+    def entry(self, ctx: _Context) -> _Spot:
+        """The entry of a mapping that msgspec refused (it does not name the key)."""
+        t = _bare(self.type)
+        assert isinstance(t, mi.DictType)
+        values = _bare(t.value_type)
+        for name, value in self.value.items():
+            try:
+                if isinstance(values, mi.CustomType):
+                    ctx.decode(values.cls, value)
+            except (TypeError, ValueError):
+                return _Spot(_key(self.key, name), values, value)
+        return self
+
+
+def _explain(ctx: _Context, error: str, data: dict[str, object]) -> tuple[str, str]:
+    """(the dotted key, the reason) for msgspec's error `error` about `data`."""
+    located = _LOCATED.fullmatch(error)
+    message, path = (located["message"], located["path"]) if located else (error, "")
+    spot = _Spot("", _DOCUMENT, data)
+    for step in _STEP.finditer(path):
+        name, index = step["name"], step["index"]
+        if index is not None:
+            spot = spot.item(int(index))
+        elif name is None:
+            spot = spot.entry(ctx)
+        elif (table := spot.struct()) is None or name == table.tag_field:
+            return _key(spot.key, name), f"unknown sink type {_show(spot.value[name])}; {_TYPES}"
+        else:
+            spot = spot.field(name)
+
+    missing = re.fullmatch(r"Object missing required field `(.*)`", message)
+    if missing:
+        return _key(spot.key, missing[1]), f"missing; {_missing(spot, missing[1])}"
+    if message.startswith("Object contains unknown field"):
+        return _unknown(spot)
+    t = _bare(spot.type)
+    if isinstance(t, mi.CustomType):
+        return spot.key, message  # the reason _Context.decode gave
+    return spot.key, _mismatch(spot, t)
+
+
+def _missing(spot: _Spot, name: str) -> str:
+    struct = spot.struct()
+    if struct is None:  # a [[sinks]] entry without its type
+        return f"add {name} = one of {_TYPES.removeprefix('use one of ')}"
+    if struct.tag is not None:
+        return f'a "{struct.tag}" sink needs {name} = "..."'
+    return _MISSING.get((struct.cls, name), f"add {name} = ...")
+
+
+def _unknown(spot: _Spot) -> tuple[str, str]:
+    struct = spot.struct()
+    assert struct is not None
+    known = [*([struct.tag_field] if struct.tag_field else []), *(f.name for f in struct.fields)]
+    name = next(k for k in spot.value if k not in known)
+    if struct.tag is not None and any(name in _keys(s) for s in _structs(spot.type)):
+        return _key(spot.key, name), f'does not apply to type = "{struct.tag}"; remove it'
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return _key(spot.key, name), f"unknown key {name!r} (known: {', '.join(known)}){hint}"
+
+
+def _mismatch(spot: _Spot, t: mi.Type) -> str:
+    """Why the value at `spot` does not fit its declared type `t`."""
+    value = spot.value
+    default = None if spot.declared is None else spot.declared.default
+    if isinstance(t, mi.LiteralType):
+        # In the order declared (msgspec sorts them): the default first.
+        declared = None if spot.declared is None else spot.declared.type
+        values = get_args(declared) if get_origin(declared) is Literal else t.values
+        listed = " | ".join(f'"{v}"' for v in values)
+        return f"expected one of {listed}, got {_show(value)}"
+    if isinstance(t, mi.StrType) and isinstance(value, str):
+        return _EMPTY  # the one pattern declared: Text
+    if isinstance(t, mi.IntType) and type(value) is int:
+        return f"must be from {t.ge} to {t.le}, got {_show(value)}; default {default}"
+    if isinstance(t, mi.StrType):
+        expected = "a string"
+    elif isinstance(t, mi.BoolType):
+        expected = "true or false"
+    elif isinstance(t, mi.IntType):
+        expected = f"a whole number like {default}"
+    elif isinstance(t, mi.FloatType):
+        # msgspec refuses an integer only when it is too large for a float.
+        expected = "a finite number" if isinstance(value, int) else "a number"
+    elif isinstance(t, mi.VarTupleType) and _structs(t.item_type):
+        expected = f"an array of tables ([[{spot.key}]] sections)"
+    elif isinstance(t, mi.VarTupleType):
+        example = ' like ["build.*"]' if spot.key.endswith(".events") else ""
+        expected = f"an array of strings{example}"
+    elif _structs(t) and not spot.key.endswith("]"):
+        expected = f"a table ([{spot.key}])"
+    else:
+        expected = "a table"
+    return f"expected {expected}, got {_show(value, secret=_holds_secret(t))}"
+
+
+def _holds_secret(t: mi.Type) -> bool:
+    t = _bare(t)
+    if isinstance(t, mi.DictType):
+        return _holds_secret(t.value_type)
+    return isinstance(t, mi.CustomType) and t.cls is Secret
+
+
+# --- the checks msgspec cannot make ---------------------------------------------------------
+
+
+def _check_api(ctx: _Context, t: _ApiTable) -> ApiConfig:
+    if not _KEY_ID.fullmatch(t.key_id):
+        raise ctx.error(
+            "api.key_id",
+            f'expected 10 uppercase letters and digits like "2X9R4HXF34", got {_show(t.key_id)}; '
             "copy the Key ID from App Store Connect > Users and Access > Integrations",
         )
-    issuer_id = t.string("issuer_id")
-    if issuer_id is not None and not _UUID.fullmatch(issuer_id):
-        raise t.error(
-            "issuer_id",
-            f'expected a UUID like "69a6de70-03db-47e3-e053-5b8c7c11a4d1", got {_show(issuer_id)}; '
+    if t.issuer_id is not None and not _UUID.fullmatch(t.issuer_id):
+        raise ctx.error(
+            "api.issuer_id",
+            f'expected a UUID like "69a6de70-03db-47e3-e053-5b8c7c11a4d1", '
+            f"got {_show(t.issuer_id)}; "
             "copy the Issuer ID from App Store Connect, or remove it for an individual key",
         )
-    base_url = t.string("base_url") or DEFAULT_BASE_URL
-    reason = _base_url_problem(base_url)
+    reason = _base_url_problem(t.base_url)
     if reason:
         # A password, or a token in the query, must not be echoed back.
-        shown = "" if "@" in base_url or "?" in base_url else f", got {_show(base_url)}"
-        raise t.error("base_url", f"{reason}{shown}")
+        shown = "" if "@" in t.base_url or "?" in t.base_url else f", got {_show(t.base_url)}"
+        raise ctx.error("api.base_url", f"{reason}{shown}")
     return ApiConfig(
-        key=_load_signing_key(t, key_id, issuer_id),
-        base_url=base_url.rstrip("/"),
-        timeout=t.duration("timeout", 30.0, positive=True),
+        key=_load_signing_key(ctx, t), base_url=t.base_url.rstrip("/"), timeout=t.timeout
     )
 
 
@@ -622,225 +958,176 @@ def _base_url_problem(url: str) -> str | None:
     return None
 
 
-def _parse_state(t: _Table) -> StateConfig:
-    text = t.string("path")
-    defaults = StateConfig(path=Path())
-    max_events = t.integer(
-        "outbox_max_events",
-        defaults.outbox_max_events,
-        minimum=_OUTBOX_MIN_EVENTS,
-        maximum=_OUTBOX_MAX_EVENTS,
-    )
-    max_age = t.duration("outbox_max_age", defaults.outbox_max_age)
-    if max_age < _OUTBOX_MIN_AGE:
-        raise t.error(
-            "outbox_max_age",
-            f"{format_duration(max_age)} is too short: a sink may well be down for an hour; "
-            f'use at least "1h" (default "{format_duration(defaults.outbox_max_age)}")',
+def _check_state(ctx: _Context, state: StateConfig) -> StateConfig:
+    if state.outbox_max_age < _OUTBOX_MIN_AGE:
+        raise ctx.error(
+            "state.outbox_max_age",
+            f"{format_duration(state.outbox_max_age)} is too short: a sink may well be down "
+            f'for an hour; use at least "1h" (default "{format_duration(_OUTBOX_MAX_AGE)}")',
         )
-    return StateConfig(
-        path=default_state_path(t.ctx.env) if text is None else t.ctx.path(text),
-        outbox_max_events=max_events,
-        outbox_max_age=max_age,
-    )
+    return state
 
 
-def _parse_polling(t: _Table) -> PollingConfig:
-    defaults = PollingConfig()
-    interval = t.duration("interval", defaults.interval, positive=True)
-    min_interval = t.duration("min_interval", defaults.min_interval, positive=True)
-    max_interval = t.duration("max_interval", defaults.max_interval, positive=True)
-    give_up_after = t.duration("give_up_after", defaults.give_up_after, positive=True)
-    budget = t.number("budget", defaults.budget)
-    if min_interval > max_interval:
-        raise t.error(
-            "min_interval",
-            f"{format_duration(min_interval)} is more than {t.key('max_interval')} "
-            f"({format_duration(max_interval)}); lower it or raise max_interval",
+def _check_polling(ctx: _Context, p: PollingConfig) -> PollingConfig:
+    if p.min_interval > p.max_interval:
+        raise ctx.error(
+            "polling.min_interval",
+            f"{format_duration(p.min_interval)} is more than polling.max_interval "
+            f"({format_duration(p.max_interval)}); lower it or raise max_interval",
         )
-    if not min_interval <= interval <= max_interval:
-        raise t.error(
-            "interval",
-            f"{format_duration(interval)} is outside {t.key('min_interval')}.."
-            f"{t.key('max_interval')} ({format_duration(min_interval)}.."
-            f"{format_duration(max_interval)}); pick a value in that range",
+    if not p.min_interval <= p.interval <= p.max_interval:
+        raise ctx.error(
+            "polling.interval",
+            f"{format_duration(p.interval)} is outside polling.min_interval.."
+            f"polling.max_interval ({format_duration(p.min_interval)}.."
+            f"{format_duration(p.max_interval)}); pick a value in that range",
         )
-    if not 0 < budget <= 1:
-        raise t.error(
-            "budget",
+    if not math.isfinite(p.budget):
+        raise ctx.error("polling.budget", f"expected a finite number, got {p.budget}")
+    if not 0 < p.budget <= 1:
+        raise ctx.error(
+            "polling.budget",
             f"expected a share of the hourly request limit above 0 and at most 1 "
-            f"(e.g. 0.8), got {budget:g}",
+            f"(e.g. 0.8), got {p.budget:g}",
         )
-    return PollingConfig(
-        interval=interval,
-        min_interval=min_interval,
-        max_interval=max_interval,
-        give_up_after=give_up_after,
-        budget=budget,
-    )
+    return p
 
 
-def _parse_server(t: _Table) -> ServerConfig:
-    listen = t.string("listen") or "127.0.0.1:9464"
-    host, port = _parse_listen(t, listen)
-    token = t.string("webhook_token", secret=True)
+def _check_server(ctx: _Context, t: _ServerTable) -> ServerConfig:
+    host, port = _parse_listen(ctx, t.listen)
+    token = t.webhook_token
     if token is not None:
         if not _WEBHOOK_TOKEN.fullmatch(token):
-            raise t.error(
-                "webhook_token",
+            raise ctx.error(
+                "server.webhook_token",
                 "may contain only letters, digits and . _ ~ - (it goes in the webhook URL); "
                 "generate one with `openssl rand -hex 32`",
             )
         if len(token) < _WEBHOOK_TOKEN_MIN:
-            raise t.error(
-                "webhook_token",
+            raise ctx.error(
+                "server.webhook_token",
                 f"too short ({len(token)} characters); anyone who guesses it can make xcloudd "
                 f"poll, so use at least {_WEBHOOK_TOKEN_MIN}, e.g. from `openssl rand -hex 32`",
             )
     return ServerConfig(host=host, port=port, webhook_token=token)
 
 
-def _parse_listen(t: _Table, listen: str) -> tuple[str, int]:
+def _parse_listen(ctx: _Context, listen: str) -> tuple[str, int]:
+    def error(reason: str) -> ConfigError:
+        return ctx.error("server.listen", reason)
+
     expected = f'expected "HOST:PORT" like "127.0.0.1:9464" or "[::1]:9464", got {_show(listen)}'
     host, sep, port_text = listen.rpartition(":")
     # isdigit() alone also accepts "²" and other digits that int() refuses or reads oddly.
     if not sep or not (port_text.isascii() and port_text.isdigit()):
-        raise t.error("listen", expected)
+        raise error(expected)
     digits = port_text.lstrip("0") or "0"
     # int() of thousands of digits is slow, and refused past 4300.
     if len(digits) > 5 or int(digits) > 65535:
-        raise t.error("listen", f"port {_show(port_text)} is out of range (0-65535)")
+        raise error(f"port {_show(port_text)} is out of range (0-65535)")
     port = int(digits)
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
         try:
             ipaddress.IPv6Address(host)
         except ValueError:
-            raise t.error("listen", f"{host!r} is not an IPv6 address; {expected}") from None
+            raise error(f"{host!r} is not an IPv6 address; {expected}") from None
     elif ":" in host or "[" in host or "]" in host:
-        raise t.error("listen", f'write an IPv6 address in brackets, e.g. "[::1]:{port}"')
+        raise error(f'write an IPv6 address in brackets, e.g. "[::1]:{port}"')
     if not host:
-        raise t.error("listen", f'missing host; use "0.0.0.0:{port}" to listen on all interfaces')
+        raise error(f'missing host; use "0.0.0.0:{port}" to listen on all interfaces')
     if ":" not in host and not _HOSTNAME.fullmatch(host):
-        raise t.error("listen", f"{_show(host)} is not a host name or IP address; {expected}")
+        raise error(f"{_show(host)} is not a host name or IP address; {expected}")
     return host, port
 
 
-def _parse_sink(t: _Table) -> SinkConfig:
-    if "type" not in t.data:
-        raise t.error("type", f"missing; add type = one of {', '.join(_SINK_TYPES)}")
-    sink_type = t.choice("type", _SINK_TYPES, "stdout")
-    needs = {"file": "path", "http": "url", "slack": "url"}.get(sink_type)
-    allowed = (
-        {"type", "events"}
-        | ({needs} if needs else set())
-        | ({"format"} if sink_type == "http" else set())
-    )
-    for name in t.data:
-        if name not in allowed:
-            raise t.error(name, f'does not apply to type = "{sink_type}"; remove it')
-    if needs and needs not in t.data:
-        raise t.error(needs, f'missing; a "{sink_type}" sink needs {needs} = "..."')
-
-    path_text = t.string("path")
-    url = t.string("url", secret=True)
-    if url is not None:
-        reason = _url_problem(url)
-        if reason:
-            # The URL itself is not shown: Slack webhook URLs are credentials.
-            raise t.error("url", reason)
-    return SinkConfig(
-        type=sink_type,
-        events=_parse_events(t),
-        path=None if path_text is None else t.ctx.path(path_text),
-        url=url,
-        format=t.choice("format", _SINK_FORMATS, "json"),
-    )
+def _check_sink(ctx: _Context, where: str, sink: SinkConfig) -> SinkConfig:
+    if not sink.events:
+        raise ctx.error(
+            f"{where}.events", "is empty, so the sink would get nothing; remove it for all events"
+        )
+    if any(not pattern.strip() for pattern in sink.events):
+        raise ctx.error(f"{where}.events", 'contains an empty pattern; use e.g. "build.*"')
+    return sink._finish(ctx, where)
 
 
-def _parse_events(t: _Table) -> tuple[str, ...]:
-    value = t.data.get("events")
-    if value is None:
-        return ("*",)
-    if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
-        raise t.wrong_type("events", 'an array of strings like ["build.*"]')
-    if not value:
-        raise t.error("events", "is empty, so the sink would get nothing; remove it for all events")
-    patterns = tuple(cast(list[str], value))
-    for pattern in patterns:
-        if not pattern.strip():
-            raise t.error("events", 'contains an empty pattern; use e.g. "build.*"')
-    return patterns
+def _reveal(ctx: _Context, key: str, value: str) -> Secret:
+    """The secret `value` refers to with "env:NAME" or "credential:NAME", else `value`.
+    Messages name the variable or file, never the value."""
+    if value.startswith("env:"):
+        name = value.removeprefix("env:")
+        if not _ENV_NAME.fullmatch(name):
+            raise ctx.error(key, 'expected "env:NAME" with a variable name')
+        text = ctx.env.get(name)
+        if not text or not text.strip():
+            state = "empty" if text is not None else "not set"
+            raise ctx.error(key, f"environment variable {name} is {state}; set it to the value")
+        return Secret(text)
+    if value.startswith("credential:"):
+        name = value.removeprefix("credential:")
+        hint = (
+            f"credential: values need systemd's LoadCredential={name}:/path/to/file "
+            'in the unit, or use "env:NAME"'
+        )
+        file = _credential_file(ctx, key, name, hint=hint)
+        data = _read_file(ctx, key, file)
+        if len(data) > _KEY_FILE_MAX:
+            raise ctx.error(key, f"{file}: too large for a secret; is it the right file?")
+        try:
+            text = data.decode().strip()
+        except UnicodeDecodeError:
+            raise ctx.error(key, f"{file}: not UTF-8 text") from None
+        if not text:
+            raise ctx.error(key, f"{file}: is empty; put the value in it")
+        return Secret(text)
+    return Secret(value)
 
 
-def _parse_workflow(t: _Table) -> tuple[str, str | None]:
-    workflow = t.required_string(
-        "workflow", 'add workflow = "<id>" (`xcloudd workflows` lists products and workflow ids)'
-    )
-    product = t.string("product")
+def _check_workflow(ctx: _Context, where: str, workflow: str, product: str | None) -> None:
     if product is None and not is_workflow_id(workflow):
-        raise t.error(
-            "workflow",
+        raise ctx.error(
+            f"{where}.workflow",
             f'{_show(workflow)} is not a workflow id (a UUID), so also set product = "..." '
             "to say whose workflow it is, or use the id (`xcloudd workflows` lists them)",
         )
-    return workflow, product
 
 
-def _parse_job(t: _Table) -> JobConfig:
-    name = t.required_string("name", 'add name = "..." (used in `xcloudd start NAME` and events)')
-    if not _JOB_NAME.fullmatch(name):
-        raise t.error(
-            "name",
-            f"{_show(name)} must start with a letter or digit and contain only letters, "
+def _check_job(ctx: _Context, where: str, job: JobConfig) -> JobConfig:
+    if not _JOB_NAME.fullmatch(job.name):
+        raise ctx.error(
+            f"{where}.name",
+            f"{_show(job.name)} must start with a letter or digit and contain only letters, "
             "digits, '.', '_' and '-'",
         )
-    workflow, product = _parse_workflow(t)
+    _check_workflow(ctx, where, job.workflow, job.product)
+    refs = {"branch": job.branch, "tag": job.tag, "pull_request": job.pull_request}
+    _at_most_one(ctx, where, [ref for ref, value in refs.items() if value is not None])
+    schedules = {"cron": job.cron, "every": job.every, "at": job.at}
+    _at_most_one(ctx, where, [kind for kind, value in schedules.items() if value is not None])
+    if job.cron is not None:
+        from xcloudd.schedule import validate_cron
 
-    refs = {ref: t.string(ref) for ref in ("branch", "tag", "pull_request")}
-    _at_most_one(t, [ref for ref, value in refs.items() if value is not None])
-    clean = t.boolean("clean")
-
-    cron = t.string("cron")
-    every = None if "every" not in t.data else t.duration("every", 0.0, positive=True)
-    at = None if "at" not in t.data else _parse_at(t)
-    _at_most_one(t, [k for k, v in (("cron", cron), ("every", every), ("at", at)) if v is not None])
-    if cron is not None:
-        _check_cron(t, cron)
-
-    timezone = t.string("timezone") or "UTC"
+        try:
+            validate_cron(job.cron)
+        except ValueError as err:
+            raise ctx.error(
+                f"{where}.cron",
+                f"{_show(job.cron)}: {err} (fields: minute hour day-of-month month day-of-week)",
+            ) from None
     try:
-        ZoneInfo(timezone)
+        ZoneInfo(job.timezone)
     # OSError: names of tzdata folders ("America") and names too long for a file name.
     except (ZoneInfoNotFoundError, ValueError, OSError):
-        raise t.error(
-            "timezone",
-            f'unknown time zone {_show(timezone)}; use an IANA name like "Europe/Berlin" or "UTC"',
+        raise ctx.error(
+            f"{where}.timezone",
+            f"unknown time zone {_show(job.timezone)}; "
+            'use an IANA name like "Europe/Berlin" or "UTC"',
         ) from None
-
-    enabled = t.boolean("enabled")
-    job = JobConfig(
-        name=name,
-        workflow=workflow,
-        product=product,
-        branch=refs["branch"],
-        tag=refs["tag"],
-        pull_request=refs["pull_request"],
-        clean=clean,
-        cron=cron,
-        every=every,
-        at=at,
-        timezone=timezone,
-        jitter=t.duration("jitter", 0.0),
-        overlap=t.choice("overlap", _OVERLAPS, "skip"),
-        catch_up=t.duration("catch_up", 0.0),
-        enabled=True if enabled is None else enabled,
-    )
-    _check_schedule(t, job)
+    _check_schedule(ctx, where, job)
     return job
 
 
-def _check_schedule(t: _Table, job: JobConfig) -> None:
+def _check_schedule(ctx: _Context, where: str, job: JobConfig) -> None:
     """Build the schedule as the daemon will, so that whatever it refuses fails here, for
     every command, instead of when `xcloudd run` starts."""
     from xcloudd.schedule import build_schedule
@@ -862,76 +1149,20 @@ def _check_schedule(t: _Table, job: JobConfig) -> None:
                 jitter=0.0 if key == "timezone" else job.jitter,
             )
         except ValueError as err:
-            raise t.error(key, str(err)) from None
+            raise ctx.error(f"{where}.{key}", str(err)) from None
 
 
-def _at_most_one(t: _Table, present: list[str]) -> None:
+def _at_most_one(ctx: _Context, where: str, present: list[str]) -> None:
     if len(present) > 1:
-        raise t.error(
-            present[1],
-            f"conflicts with {t.key(present[0])}; set only one of {' and '.join(present)}",
+        raise ctx.error(
+            f"{where}.{present[1]}",
+            f"conflicts with {where}.{present[0]}; set only one of {' and '.join(present)}",
         )
 
 
-def _parse_at(t: _Table) -> datetime:
-    value = t.data["at"]
-    example = "like 2026-12-24T18:00:00+01:00 (or ...Z for UTC)"
-    if isinstance(value, datetime):
-        if value.tzinfo is None:
-            raise t.error("at", f"{_show(value)} has no UTC offset; write it {example}")
-        return _in_range(t, value)
-    if not isinstance(value, str):
-        raise t.wrong_type("at", f"an RFC 3339 date-time with offset {example}")
-    match = _RFC3339.fullmatch(value.strip())
-    if match is None:
-        raise t.error(
-            "at", f"expected an RFC 3339 date-time with offset {example}, got {_show(value)}"
-        )
-    if match["offset"] is None:
-        raise t.error("at", f"{_show(value)} has no UTC offset; write it {example}")
-    text = value.strip()
-    text = text[:10] + "T" + text[11:]
-    if text[-1] in "Zz":
-        text = text[:-1] + "+00:00"
-    try:
-        at = datetime.fromisoformat(text)
-    except ValueError:
-        raise t.error(
-            "at", f"{_show(value)} is not a real date and time; check the numbers"
-        ) from None
-    return _in_range(t, at)
-
-
-def _in_range(t: _Table, at: datetime) -> datetime:
-    # TOML allows 0001-01-01T00:00:00+01:00, which is no instant Python can hold in UTC, and
-    # 9999-12-31T23:00:00Z, which plus the jitter (up to 100 years) or shown in the job's time
-    # zone is past the end of Python's calendar.
-    try:
-        utc = at.astimezone(UTC)
-    except OverflowError:
-        utc = None
-    if utc is None or utc.year >= _AT_MAX_YEAR:
-        raise t.error(
-            "at", f"{_show(at)} is out of range; use a date from the year 1 to {_AT_MAX_YEAR - 1}"
-        ) from None
-    return at
-
-
-def _check_cron(t: _Table, expr: str) -> None:
-    from xcloudd.schedule import validate_cron
-
-    try:
-        validate_cron(expr)
-    except ValueError as err:
-        raise t.error(
-            "cron",
-            f"{_show(expr)}: {err} (fields: minute hour day-of-month month day-of-week)",
-        ) from None
-
-
-def _parse_watch(t: _Table) -> WatchConfig:
-    workflow, product = _parse_workflow(t)
-    return WatchConfig(workflow=workflow, product=product)
+def _check_watch(ctx: _Context, where: str, watch: WatchConfig) -> WatchConfig:
+    _check_workflow(ctx, where, watch.workflow, watch.product)
+    return watch
 
 
 def _unique_jobs(ctx: _Context, jobs: list[JobConfig]) -> tuple[JobConfig, ...]:
@@ -963,34 +1194,29 @@ def _unique_watches(ctx: _Context, watches: list[WatchConfig]) -> tuple[WatchCon
 # --- the signing key ------------------------------------------------------------------------
 
 
-def _load_signing_key(t: _Table, key_id: str, issuer_id: str | None) -> SigningKey:
-    ref = t.required_string(
-        "private_key",
-        'add private_key = "/etc/xcloudd/AuthKey_<KEY ID>.p8" (or "env:NAME" or "credential:NAME")',
-    )
+def _load_signing_key(ctx: _Context, t: _ApiTable) -> SigningKey:
+    def error(reason: str) -> ConfigError:
+        return ctx.error("api.private_key", reason)
+
+    ref = t.private_key
     # Someone pasting the key itself into the config must not get it echoed back in an error;
     # after this check every message below may quote `ref`.
     pasted = _pasted_key_kind(ref)
     if pasted:
-        raise t.error(
-            "private_key",
+        raise error(
             f"looks like key material pasted inline ({pasted}, not shown); put it in a file "
-            'and give its path, or use "env:NAME" or "credential:NAME"',
+            'and give its path, or use "env:NAME" or "credential:NAME"'
         )
-    env = t.ctx.env
     file: Path | None = None
     if ref.startswith("env:"):
         name = ref.removeprefix("env:")
         if not _ENV_NAME.fullmatch(name):
-            raise t.error(
-                "private_key", f'expected "env:NAME" with a variable name, got {_show(ref)}'
-            )
-        text = env.get(name)
+            raise error(f'expected "env:NAME" with a variable name, got {_show(ref)}')
+        text = ctx.env.get(name)
         if not text or not text.strip():
-            raise t.error(
-                "private_key",
+            raise error(
                 f"environment variable {name} is {'empty' if text is not None else 'not set'}; "
-                "set it to the contents of the .p8 file",
+                "set it to the contents of the .p8 file"
             )
         # Many env-file formats keep PEM on one line with literal \n escapes.
         data = text.replace("\\n", "\n").strip().encode()
@@ -998,37 +1224,41 @@ def _load_signing_key(t: _Table, key_id: str, issuer_id: str | None) -> SigningK
     else:
         if ref.startswith("credential:"):
             name = ref.removeprefix("credential:")
-            if not name or "/" in name or name in (".", ".."):
-                raise t.error(
-                    "private_key", f'expected "credential:NAME" with a plain name, got {_show(ref)}'
-                )
-            directory = env.get("CREDENTIALS_DIRECTORY")
-            if not directory:
-                raise t.error(
-                    "private_key",
-                    "CREDENTIALS_DIRECTORY is not set; credential: keys need systemd's "
-                    f"LoadCredential={name}:/path/to/AuthKey.p8 in the unit, "
-                    "or give a file path instead",
-                )
-            file = Path(directory) / name
+            hint = (
+                f"credential: keys need systemd's LoadCredential={name}:/path/to/AuthKey.p8 "
+                "in the unit, or give a file path instead"
+            )
+            file = _credential_file(ctx, "api.private_key", name, hint=hint, shown=ref)
             source = ref
         else:
-            file = t.ctx.path(ref)
+            file = ctx.path(ref)
             source = str(file)
-        data = _read_key_file(t, file)
+        data = _read_file(ctx, "api.private_key", file)
 
     result = _parse_private_key(data)
     if isinstance(result, str):
-        raise t.error("private_key", f"{source}: {result}")
+        raise error(f"{source}: {result}")
     if file is not None:
         named = _AUTHKEY_FILE.fullmatch(file.name)
-        if named and named[1] != key_id:
-            raise t.error(
-                "key_id",
-                f"{key_id!r} does not match the key file {file.name}; use the Key ID "
+        if named and named[1] != t.key_id:
+            raise ctx.error(
+                "api.key_id",
+                f"{t.key_id!r} does not match the key file {file.name}; use the Key ID "
                 "App Store Connect shows for that key",
             )
-    return SigningKey(key_id=key_id, issuer_id=issuer_id, private_key=result, source=source)
+    return SigningKey(key_id=t.key_id, issuer_id=t.issuer_id, private_key=result, source=source)
+
+
+def _credential_file(ctx: _Context, key: str, name: str, *, hint: str, shown: str = "") -> Path:
+    """$CREDENTIALS_DIRECTORY/name, for "credential:NAME"; `hint` says what to do when that is
+    not set, `shown` is the value when it is safe to quote."""
+    if not name or "/" in name or name in (".", ".."):
+        got = f", got {_show(shown)}" if shown else ""
+        raise ctx.error(key, f'expected "credential:NAME" with a plain name{got}')
+    directory = ctx.env.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        raise ctx.error(key, f"CREDENTIALS_DIRECTORY is not set; {hint}")
+    return Path(directory) / name
 
 
 def _pasted_key_kind(ref: str) -> str | None:
@@ -1044,7 +1274,8 @@ def _pasted_key_kind(ref: str) -> str | None:
     return None
 
 
-def _read_key_file(t: _Table, file: Path) -> bytes:
+def _read_file(ctx: _Context, key: str, file: Path) -> bytes:
+    """The start of a key or credential file: more than _KEY_FILE_MAX bytes is the wrong file."""
     try:
         with file.open("rb") as fh:
             return fh.read(_KEY_FILE_MAX + 1)
@@ -1053,10 +1284,10 @@ def _read_key_file(t: _Table, file: Path) -> bytes:
     except PermissionError:
         reason = "permission denied; make it readable by the user xcloudd runs as"
     except IsADirectoryError:
-        reason = "is a directory; give the .p8 file"
+        reason = "is a directory; give the file itself"
     except OSError as err:
         reason = f"cannot read: {err.strerror or type(err).__name__}"
-    raise t.error("private_key", f"{file}: {reason}")
+    raise ctx.error(key, f"{file}: {reason}")
 
 
 _KEY_KINDS: tuple[tuple[type, str], ...] = (

@@ -32,8 +32,10 @@ from xcloudd.intents import IntentSweeper
 from xcloudd.resolve import ResolveError, Workflow
 from xcloudd.runtime import Runtime, build_sinks, open_runtime
 from xcloudd.scheduler import JobScheduler, job_schedule
+from xcloudd.server import CHECK_TIMEOUT_S, Probes, Server
 from xcloudd.starter import Starter
 from xcloudd.store import StoreUnwritable
+from xcloudd.supervisor import describe
 
 STOP_GRACE_S = 5.0
 PRUNE_EVERY_S = 300.0
@@ -86,6 +88,8 @@ class Daemon:
         self._discovery = Discovery(rt.store, rt.client, rt.clock)
         self._watches = [_Watch(i, w) for i, w in enumerate(config.watches)]
         self._rng = random.Random()
+        self._ready = False
+        self._server: Server | None = None
 
     def stop(self) -> None:
         """Ask the daemon to shut down (what SIGTERM does)."""
@@ -97,16 +101,77 @@ class Daemon:
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._reopen_sinks)
         try:
+            listen = await self._serve()
             await self._preflight()
             self._start_loops()
-            self._rt.emitter.emit("daemon.started", version=__version__, jobs=len(self._jobs))
+            self._ready = True
+            self._rt.emitter.emit(
+                "daemon.started",
+                version=__version__,
+                jobs=len(self._jobs),
+                **({"listen": listen} if listen else {}),
+            )
             notify_systemd(f"READY=1\nSTATUS=following builds for {len(self._jobs)} jobs")
             await self._stop.wait()
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
-        await self._shutdown()
+            self._ready = False
+        try:
+            await self._shutdown()
+        finally:
+            if self._server is not None:
+                await self._server.stop()
         return ExitCode.OK
+
+    async def _serve(self) -> str | None:
+        """Start `[server]`: probes answer from the start (not ready until the loops run)."""
+        rt = self._rt
+        server = rt.config.server
+        if server is None or rt.metrics is None:
+            return None
+        self._server = Server(
+            server.host,
+            server.port,
+            rt.metrics,
+            Probes(live=self._live, ready=self._readiness, refresh=self._refresh_metrics),
+        )
+        try:
+            return await self._server.start()
+        except OSError as exc:
+            self._server = None
+            raise ConfigError.at(
+                str(rt.config.path),
+                "server.listen",
+                f"cannot listen on {server.host}:{server.port}: {exc.strerror or exc}; "
+                "pick a free port or stop what uses it",
+            ) from None
+
+    async def _live(self) -> dict[str, str]:
+        ended = self._rt.supervisor.ended()
+        return {"loops": f"ended: {', '.join(ended)}"} if ended else {}
+
+    async def _readiness(self) -> dict[str, str]:
+        rt = self._rt
+        problems: dict[str, str] = {}
+        if not self._ready:
+            problems["daemon"] = "starting up or stopping"
+        try:
+            async with asyncio.timeout(CHECK_TIMEOUT_S):
+                await rt.store.call(rt.store.sync.outbox_end)
+        except Exception as exc:
+            problems["store"] = f"the state store does not answer: {describe(exc)}"
+        if rt.client.breaker_open:
+            problems["api"] = "App Store Connect is unreachable; requests wait for it"
+        elif rt.client.reachable is False:
+            problems["api"] = "App Store Connect did not answer the last request"
+        return problems
+
+    async def _refresh_metrics(self) -> None:
+        rt = self._rt
+        if rt.metrics is not None:
+            names = [s.name for s in rt.sinks]
+            rt.metrics.live.store = await rt.store.call(rt.store.sync.stats, names)
 
     async def _preflight(self) -> None:
         """Credentials once (rejected: exit 77 at once), and every watched workflow exists
@@ -133,6 +198,8 @@ class Daemon:
         rt = self._rt
         try:
             watch.workflow = await rt.resolver.workflow(watch.config.workflow, watch.config.product)
+            if rt.metrics is not None:
+                rt.metrics.name_workflow(watch.workflow.id, watch.workflow.name)
         except AuthFailed:
             if at_start:
                 raise
@@ -205,5 +272,6 @@ class Daemon:
 async def run_daemon(config: Config, *, clock: Clock | None = None) -> ExitCode:
     """Run until SIGTERM/SIGINT. Fatal start-up problems raise XcloudError (one line, its
     exit code): rejected credentials (77), a watched workflow that does not exist (78)."""
-    async with open_runtime(config, sinks=build_sinks(config.sinks), clock=clock) as rt:
+    sinks = functools.partial(build_sinks, config.sinks)
+    async with open_runtime(config, sinks=lambda s: sinks(session=s), clock=clock) as rt:
         return await Daemon(rt).run()

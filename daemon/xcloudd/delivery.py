@@ -49,8 +49,14 @@ class Delivery:
         clock: Clock,
         *,
         rng: random.Random | None = None,
+        durable: bool = True,
     ) -> None:
         self.sink = sink
+        # Not durable: an in-process reader (metrics) that starts at the outbox's end and
+        # keeps its cursor in memory; it holds no rows back from pruning.
+        self._durable = durable
+        self.delivered = 0
+        self.failures = 0
         self._store = store
         self._emitter = emitter
         self._clock = clock
@@ -63,8 +69,15 @@ class Delivery:
         """End `run` after the batch under way (cutting it off would deliver it twice)."""
         self._stopping.set()
 
+    @property
+    def sink_name(self) -> str:
+        return self.sink.name
+
     async def _start(self) -> None:
         """Read the cursor (a sink seen for the first time starts at the oldest row kept)."""
+        if not self._durable:
+            self.cursor = await self._store.call(self._store.sync.outbox_end)
+            return
         self.cursor = await self._store.call(self._store.sync.sink_cursor, self.sink.name)
 
     async def run(self) -> None:
@@ -98,6 +111,7 @@ class Delivery:
             if batch:
                 await self.sink.write(batch)
         except Exception as exc:
+            self.failures += 1
             if not self.failing:
                 self.failing = True
                 pending = await self._pending()
@@ -105,8 +119,10 @@ class Delivery:
                     "sink.failed", sink=self.sink.name, pending=pending, error=_reason(exc)
                 )
             return
-        await self._store.call(self._store.sync.advance_sink, self.sink.name, rows[-1].seq)
+        if self._durable:
+            await self._store.call(self._store.sync.advance_sink, self.sink.name, rows[-1].seq)
         self.cursor = rows[-1].seq
+        self.delivered += len(batch)
         if self.failing:
             self.failing = False
             self._emitter.emit("sink.recovered", sink=self.sink.name, pending=await self._pending())

@@ -13,11 +13,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+import aiohttp
+
 from xcloudd.config import load_config
 from xcloudd.daemon import Daemon
 from xcloudd.errors import ExitCode
 from xcloudd.runtime import build_sinks, open_runtime, wants_console
 from xcloudd.simulator.server import running_simulator
+from xcloudd.sinks import Sink
 
 DEMO_SECONDS = 30.0
 
@@ -102,7 +105,11 @@ async def run_demo(seconds: float = DEMO_SECONDS) -> ExitCode:
                     f" running the daemon for {seconds:.0f}s (Ctrl-C stops it).",
                     flush=True,
                 )
-            sinks = build_sinks([s for s in config.sinks if s.type != "stdout"], console=console)
+            chosen = [s for s in config.sinks if s.type != "stdout"]
+
+            def sinks(session: aiohttp.ClientSession) -> list[Sink]:
+                return build_sinks(chosen, session=session, console=console)
+
             foreign = asyncio.create_task(_foreign_builds(running, "Superseded", 12.0))
             try:
                 async with open_runtime(config, sinks=sinks) as rt:

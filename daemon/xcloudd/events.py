@@ -155,11 +155,13 @@ class EventFactory:
         subject: str | None = None,
         build: BuildRef | None = None,
         level: Level | None = None,
+        context: Mapping[str, Any] | None = None,
         **fields: Any,
     ) -> Event:
-        """An event; with `subject`, its id is derived from it (one fact, one id)."""
-        if build is not None:
-            fields = {**build.fields(), **fields}
+        """An event; with `subject`, its id is derived from it (one fact, one id). `context`:
+        more fields about the build (its names), placed after the build's identity."""
+        if build is not None or context:
+            fields = {**(build.fields() if build else {}), **(context or {}), **fields}
         return Event(
             name=name,
             level=level or default_level(name, fields),

@@ -24,7 +24,7 @@ from xcloudd.asyncstore import AsyncStore
 from xcloudd.clock import Clock, wait_first
 from xcloudd.config import PollingConfig
 from xcloudd.events import RESULTS, BuildRef, Event, EventFactory, EventName
-from xcloudd.resources import RUN_FIELDS, BuildRun
+from xcloudd.resources import RUN_CONTEXT, RUN_FIELDS, BuildRun, run_context
 from xcloudd.store import RunRecord, parse_iso
 
 ACTION_FIELDS = "name,actionType,executionProgress,completionStatus,isRequiredToPass,issueCounts"
@@ -238,7 +238,7 @@ class Follower:
     async def _poll_once(self, tracked: _Tracked) -> bool:
         run_id = tracked.ref.build_run_id
         doc = await self._client.get(
-            f"/v1/ciBuildRuns/{run_id}", {"fields[ciBuildRuns]": RUN_FIELDS}
+            f"/v1/ciBuildRuns/{run_id}", {"fields[ciBuildRuns]": RUN_FIELDS, **RUN_CONTEXT}
         )
         data = doc.get("data")
         if not isinstance(data, dict):
@@ -246,7 +246,7 @@ class Follower:
         run = BuildRun.parse(data)
         if run.id != run_id:
             raise BadResponse(f"App Store Connect answered for {run.id} when asked for {run_id}")
-        ended = await self._observe(tracked, run)
+        ended = await self._observe(tracked, run, run_context(doc, data))
         tracked.failures = 0
         return ended
 
@@ -266,7 +266,7 @@ class Follower:
             queued_s=_seconds(created, run.started),
         )
 
-    async def _observe(self, tracked: _Tracked, run: BuildRun) -> bool:
+    async def _observe(self, tracked: _Tracked, run: BuildRun, context: dict[str, str]) -> bool:
         ref = self._ref(tracked, run)
         created = run.created or tracked.created
         if run.progress == "COMPLETE":
@@ -286,9 +286,11 @@ class Follower:
                     cancel_reason=run.cancel_reason,
                     issue_counts=run.issue_counts,
                     source_commit=commit.get("commitSha"),
+                    commit_url=commit.get("webUrl"),
                     queued_s=_seconds(created, run.started),
                     duration_s=_seconds(run.started, run.finished),
                     actions=actions,
+                    context=context,
                 )
             )
             await self._store.call(

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import sys
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -21,11 +22,20 @@ from xcloudd.api import AscClient
 from xcloudd.asyncstore import AsyncStore
 from xcloudd.auth import TokenSigner
 from xcloudd.clock import Clock, SystemClock
-from xcloudd.config import Config, SinkConfig
+from xcloudd.config import (
+    Config,
+    FileSinkConfig,
+    HttpSinkConfig,
+    JournaldSinkConfig,
+    SinkConfig,
+    SlackSinkConfig,
+    StdoutSinkConfig,
+)
 from xcloudd.console import console_sink
 from xcloudd.delivery import Delivery, Mine
 from xcloudd.errors import ConfigError
 from xcloudd.events import Emitter, Event, EventFactory
+from xcloudd.metrics import Metrics, MetricsSink, errors_by_task
 from xcloudd.resolve import Resolver
 from xcloudd.sinks import FileSink, Sink, StdoutSink
 from xcloudd.store import Store, StoreUnwritable
@@ -49,45 +59,80 @@ class Runtime:
     owner: str
     deliveries: list[Delivery] = field(default_factory=list)
     sinks: list[Sink] = field(default_factory=list)
+    metrics: Metrics | None = None
 
 
 def refuse_unsupported(config: Config) -> None:
     """Parts of the config contract that this version parses but cannot act on yet."""
-    if config.server is not None:
+    if config.server is not None and config.server.webhook_token is not None:
         raise ConfigError.at(
-            str(config.path), "server", "not supported yet by this version; remove the table"
+            str(config.path),
+            "server.webhook_token",
+            "the webhook receiver is not supported yet by this version; remove the key",
         )
-    for index, sink in enumerate(config.sinks):
-        if sink.type not in ("stdout", "file"):
-            raise ConfigError.at(
-                str(config.path),
-                f"sinks[{index}].type",
-                f"{sink.type} sinks are not supported yet by this version; use stdout or file",
+
+
+def _build_sink(sc: SinkConfig, session: aiohttp.ClientSession | None) -> Sink:
+    """The sink for one [[sinks]] entry: its declared config type picks its delivery code."""
+    match sc:
+        case StdoutSinkConfig():
+            return StdoutSink(sc.events, min_level=sc.min_level)
+        case FileSinkConfig():
+            return FileSink(sc.path, sc.events, min_level=sc.min_level)
+        case JournaldSinkConfig():
+            from xcloudd.journald import JournaldSink
+
+            return JournaldSink(sc.socket, sc.events, min_level=sc.min_level)
+        case HttpSinkConfig():
+            from xcloudd.httpsinks import HttpSink, sink_name
+
+            assert session is not None
+            auth = None
+            if sc.username is not None and sc.password is not None:
+                auth = (str(sc.username), str(sc.password))
+            return HttpSink(
+                sink_name(str(sc.url)),
+                str(sc.url),
+                session,
+                sc.format,
+                headers={k: str(v) for k, v in sc.headers.items()},
+                gzip=sc.gzip,
+                timeout=sc.timeout,
+                batch_max=sc.batch_max,
+                tenant=sc.tenant,
+                auth=auth,
+                events=sc.events,
+                min_level=sc.min_level,
             )
+        case SlackSinkConfig():
+            from xcloudd.slack import SlackSink
+
+            assert session is not None
+            sink = SlackSink(str(sc.url), session, events=sc.events, min_level=sc.min_level)
+            # The name keys the sink's cursor: stable for one webhook, different for two, and
+            # no part of the URL (a credential) shows in it.
+            sink.name = f"slack:{hashlib.sha256(str(sc.url).encode()).hexdigest()[:8]}"
+            return sink
+    raise ConfigError(f"unknown sink type {sc.type!r}")
 
 
 def build_sinks(
     configs: Iterable[SinkConfig],
     *,
+    session: aiohttp.ClientSession | None = None,
     console: bool | None = None,
     console_stream: IO[str] | None = None,
 ) -> list[Sink]:
     """The configured sinks. With `console`, stdout shows readable lines (a terminal) or JSON
     lines (a pipe) whatever the config says, so a CLI command never prints an event twice.
-    `console_stream` sends the readable lines elsewhere (stderr, when stdout is a document)."""
+    `console_stream` sends the readable lines elsewhere (stderr, when stdout is a document).
+    Sinks that speak HTTP use `session`, the process's one ClientSession."""
     sinks: list[Sink] = []
     names: set[str] = set()
     for sc in configs:
-        sink: Sink
-        if sc.type == "stdout":
-            if console is not None:
-                continue
-            sink = StdoutSink(sc.events)
-        elif sc.type == "file":
-            assert sc.path is not None
-            sink = FileSink(sc.path, sc.events)
-        else:
-            raise ConfigError(f"{sc.type} sinks are not supported yet: use stdout or file")
+        if console is not None and sc.type == "stdout":
+            continue
+        sink = _build_sink(sc, session)
         if sink.name in names:
             continue  # the same destination twice would only write each event twice
         names.add(sink.name)
@@ -147,14 +192,15 @@ class _OutboxWriter:
 async def open_runtime(
     config: Config,
     *,
-    sinks: list[Sink],
+    sinks: list[Sink] | Callable[[aiohttp.ClientSession], list[Sink]],
     clock: Clock | None = None,
     store_path: Path | Literal["config"] | None = "config",
     durable: bool = True,
 ) -> AsyncIterator[Runtime]:
     """Everything a command needs. `store_path`: the config's state store (the daemon), a
     path, or None for an in-memory store. `durable`: deliver the whole outbox to `sinks` with
-    cursors kept in the store (the daemon); otherwise only this process's events (a CLI)."""
+    cursors kept in the store (the daemon); otherwise only this process's events (a CLI).
+    `sinks` may be a function of the process's ClientSession, for sinks that speak HTTP."""
     clock = clock or SystemClock()
     events = EventFactory(clock)
     path = config.state.path if store_path == "config" else store_path
@@ -166,8 +212,10 @@ async def open_runtime(
     owner = f"pid-{uuid.uuid4()}"
     connector = aiohttp.TCPConnector(limit=16, ttl_dns_cache=300)
     mine: Mine | None = None
+    built: list[Sink] = []
     try:
         async with aiohttp.ClientSession(connector=connector, raise_for_status=False) as session:
+            built = sinks(session) if callable(sinks) else sinks
             client = AscClient(
                 session,
                 config.api.base_url,
@@ -187,18 +235,25 @@ async def open_runtime(
                 Resolver(client),
                 supervisor,
                 owner,
-                sinks=sinks,
+                sinks=built,
             )
             if durable:
-                for sink in sinks:
+                for sink in built:
                     # Its cursor is read (or created) when it first runs: under supervision, so
                     # a store that cannot be written yet only delays it.
                     delivery = Delivery(store, sink, emitter, clock)
                     rt.deliveries.append(delivery)
                     supervisor.spawn(f"sink {sink.name}", delivery.run)
             else:
-                mine = Mine(store, sinks)
+                mine = Mine(store, built)
                 supervisor.spawn("console", mine.run)
+            if durable and config.server is not None:
+                rt.metrics = Metrics()
+                counting = Delivery(store, MetricsSink(rt.metrics), emitter, clock, durable=False)
+                supervisor.spawn("metrics", counting.run)
+                rt.metrics.live.api = client
+                rt.metrics.live.sinks = list(rt.deliveries)
+                rt.metrics.live.errors = lambda: errors_by_task(supervisor.failures)
             supervisor.spawn("outbox", lambda: _flush_loop(writer, clock))
             try:
                 yield rt
@@ -209,11 +264,11 @@ async def open_runtime(
                     delivery.stop()
                 if mine is not None:
                     mine.stop()
-                await supervisor.join([*(f"sink {s.name}" for s in sinks), "console"], DRAIN_S)
+                await supervisor.join([*(f"sink {s.name}" for s in built), "console"], DRAIN_S)
                 await _drain(rt, mine)
                 await supervisor.stop()
     finally:
-        for sink in sinks:
+        for sink in built:
             with contextlib.suppress(Exception):
                 await sink.aclose()
         await store.aclose()

@@ -95,6 +95,7 @@ async def resolve_target(resolver: Resolver, target: Target) -> StartRequest:
         pull_request_id=pr_id,
         rebuild_of=target.rebuild,
         clean=target.clean,
+        workflow_name=workflow.name or None,
     )
 
 

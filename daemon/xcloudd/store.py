@@ -14,17 +14,18 @@ never run on the event loop. `xcloudd status` reads concurrently. The schema is 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sqlite3
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
 from xcloudd.errors import XcloudError
-from xcloudd.events import BuildRef, Event, EventFactory, occurrence_key, origin_of
+from xcloudd.events import RESULTS, BuildRef, Event, EventFactory, occurrence_key, origin_of
 
 OccurrenceState = Literal["firing", "fired", "skipped", "missed", "held"]
 # new: decided, not sent yet; sending: the POST may have left; unknown: its outcome is
@@ -126,7 +127,19 @@ _MIGRATIONS: tuple[str, ...] = (
         seq INTEGER NOT NULL
     );
     """,
+    # 3: when a run finished, so "last successful build per job" outlives a restart.
+    """
+    ALTER TABLE runs ADD COLUMN finished_at REAL;
+    """,
 )
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    runs_in_flight: int
+    outbox: int
+    pending: dict[str, int]
+    last_success: dict[str, float]  # job -> when its last successful build finished
 
 
 class StoreError(XcloudError):
@@ -202,6 +215,8 @@ class StartRequest:
     pull_request_id: str | None = None
     rebuild_of: str | None = None
     clean: bool | None = None
+    # For people (events and metrics), not sent and not stored.
+    workflow_name: str | None = field(default=None, compare=False)
 
     def columns(self) -> tuple[str, str | None, str | None, str | None, int | None]:
         """workflow_id, git_reference_id, pull_request_id, rebuild_of, clean, as stored."""
@@ -231,6 +246,7 @@ class RunRecord:
     started_emitted: bool
     completed_emitted: bool
     end_reason: str | None
+    finished_at: float | None = None
 
     @property
     def ref(self) -> BuildRef:
@@ -599,6 +615,9 @@ class Store:
                     subject=f"{intent_id}#{intent.posts + 1}",
                     job=intent.job,
                     workflow_id=target.workflow_id,
+                    context={"workflow_name": target.workflow_name}
+                    if target.workflow_name
+                    else None,
                     git_reference_id=target.git_reference_id,
                     pull_request_id=target.pull_request_id,
                     rebuild_of=target.rebuild_of,
@@ -882,20 +901,24 @@ class Store:
         with self._tx() as c:
             cur = c.execute(
                 "UPDATE runs SET number = coalesce(?, number), progress = coalesce(?, progress),"
-                " completion_status = ?, finished = 1, end_reason = ?,"
+                " completion_status = ?, finished = 1, end_reason = ?, finished_at = ?,"
                 " completed_emitted = ? WHERE run_id = ? AND finished = 0",
                 (
                     number,
                     progress,
                     completion_status,
                     reason,
+                    self._now().timestamp(),
                     int(reason == "completed"),
                     run_id,
                 ),
             )
             if not cur.rowcount:
                 return False
-            for event in events:
+            for given in events:
+                event = given
+                if event.name == "build.completed":
+                    event = self._with_previous(c, run_id, event)
                 if event.name == "build.started":
                     started = c.execute(
                         "UPDATE runs SET started_emitted = 1 WHERE run_id = ?"
@@ -906,6 +929,30 @@ class Store:
                         continue
                 self._append(c, [event])
             return True
+
+    def _with_previous(self, c: sqlite3.Connection, run_id: str, event: Event) -> Event:
+        """`previous_result`: how the build before this one of the same job (of the same
+        workflow, for builds of no job) ended, so a sink can say "broke" or "fixed"."""
+        row = c.execute(
+            "SELECT number, workflow_id, job FROM runs WHERE run_id = ?", (run_id,)
+        ).fetchone()
+        if row is None:
+            return event
+        number, workflow_id, job = row
+        same = "job = ?" if job is not None else "job IS NULL AND workflow_id = ?"
+        before = "AND number < ?" if number is not None else ""
+        args = [run_id, job if job is not None else workflow_id]
+        if number is not None:
+            args.append(number)
+        prev = c.execute(
+            "SELECT completion_status FROM runs WHERE run_id != ? AND finished = 1"
+            f" AND end_reason = 'completed' AND {same} {before}"
+            " ORDER BY number DESC, first_seen DESC LIMIT 1",
+            args,
+        ).fetchone()
+        status = prev[0] if prev else None
+        previous = None if status is None else RESULTS.get(status, "error")
+        return dataclasses.replace(event, fields={**event.fields, "previous_result": previous})
 
     def run(self, run_id: str) -> RunRecord | None:
         row = self._conn.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
@@ -989,6 +1036,21 @@ class Store:
             (sink,),
         ).fetchone()
         return int(row[0])
+
+    def stats(self, sinks: Sequence[str]) -> StoreStats:
+        """What /metrics shows from the store, read in one go."""
+        c = self._conn
+        in_flight = int(c.execute("SELECT count(*) FROM runs WHERE finished = 0").fetchone()[0])
+        last = c.execute(
+            "SELECT job, max(finished_at) FROM runs WHERE completion_status = 'SUCCEEDED'"
+            " AND job IS NOT NULL AND finished_at IS NOT NULL GROUP BY job"
+        ).fetchall()
+        return StoreStats(
+            runs_in_flight=in_flight,
+            outbox=self.outbox_size(),
+            pending={s: self.pending_count(s) for s in sinks},
+            last_success={str(job): float(at) for job, at in last},
+        )
 
     def outbox_size(self) -> int:
         return int(self._conn.execute("SELECT count(*) FROM outbox").fetchone()[0])

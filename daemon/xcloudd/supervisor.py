@@ -105,6 +105,10 @@ class Supervisor:
                 cap = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** min(streak, 10))
                 await self._clock.sleep(self._rng.uniform(cap / 2, cap))
 
+    def ended(self) -> list[str]:
+        """Loops that are no longer running although nobody stopped them."""
+        return sorted(name for name, task in self._tasks.items() if task.done())
+
     def install(self, loop: asyncio.AbstractEventLoop) -> None:
         """Anything that escapes a task or callback becomes a report, never a lost traceback."""
 
