@@ -6,13 +6,17 @@ import asyncio
 import heapq
 import itertools
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 import asc_schema
 from xcloudd.clock import FakeClock
 from xcloudd.simulator import ApiKey, RunningSimulator, mint_token, running_simulator
+
+if TYPE_CHECKING:
+    from world import World
 
 MakeToken = Callable[..., str]
 
@@ -63,6 +67,16 @@ async def sim(fake_clock: FakeClock) -> AsyncIterator[RunningSimulator]:
         problems = schema_problems(running.sim.traffic.entries)
     if problems:
         pytest.fail("simulator traffic does not match Apple's schema:\n" + "\n".join(problems))
+
+
+@pytest.fixture
+def world(sim: RunningSimulator, fake_clock: FakeClock, tmp_path: Path) -> World:
+    """A daemon on virtual time against the simulator (world.py). The test module provides a
+    `fake_clock` fixture that is a SteppingClock."""
+    from world import World
+
+    assert isinstance(fake_clock, SteppingClock), "override fake_clock with a SteppingClock"
+    return World(sim, fake_clock, tmp_path)
 
 
 @pytest.fixture

@@ -37,6 +37,14 @@ KILLS = 9
 DEADLINE_S = 45.0
 
 
+def daemon_config(client_config: Path, state_path: Path, events_path: Path) -> str:
+    """The simulator's client config with a state store, fast polling and a file sink."""
+    return client_config.read_text(encoding="utf-8") + (
+        f'\n[state]\npath = "{state_path}"\n\n[polling]\ninterval = "1s"\n'
+        f'min_interval = "1s"\n\n[[sinks]]\ntype = "file"\npath = "{events_path}"\n'
+    )
+
+
 @pytest.fixture
 def simulator(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """(URL, client config path) of an `xcloudd simulator` process."""
@@ -50,19 +58,8 @@ def test_kill_9_loses_and_duplicates_nothing(simulator: tuple[str, Path], tmp_pa
     state_path = tmp_path / "state.db"
     config = tmp_path / "config.toml"
     config.write_text(
-        client_config.read_text(encoding="utf-8")
-        + f"""
-[state]
-path = "{state_path}"
-
-[polling]
-interval = "1s"
-min_interval = "1s"
-
-[[sinks]]
-type = "file"
-path = "{events_path}"
-
+        daemon_config(client_config, state_path, events_path)
+        + """
 [[jobs]]
 name = "ci"
 product = "Acme Shop"
@@ -203,19 +200,8 @@ def test_events_pending_for_a_down_sink_survive_kill_9(
     port = free_port()
     config = tmp_path / "config.toml"
     config.write_text(
-        client_config.read_text(encoding="utf-8")
+        daemon_config(client_config, state_path, events_path)
         + f"""
-[state]
-path = "{state_path}"
-
-[polling]
-interval = "1s"
-min_interval = "1s"
-
-[[sinks]]
-type = "file"
-path = "{events_path}"
-
 [[sinks]]
 type = "http"
 url = "http://127.0.0.1:{port}/ingest"

@@ -8,7 +8,6 @@ import itertools
 import json
 from collections import Counter
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 
@@ -16,7 +15,7 @@ from conftest import SteppingClock
 from world import T0, World, assert_each_run_once, at, finished_at, job
 from xcloudd import commands
 from xcloudd.errors import ExitCode
-from xcloudd.simulator import Fault, RunningSimulator
+from xcloudd.simulator import Fault
 from xcloudd.simulator.runs import BuildRun
 
 
@@ -29,11 +28,6 @@ def start_at() -> datetime:
 @pytest.fixture
 def fake_clock(start_at: datetime) -> SteppingClock:
     return SteppingClock(start_at.timestamp())
-
-
-@pytest.fixture
-def world(sim: RunningSimulator, fake_clock: SteppingClock, tmp_path: Path) -> World:
-    return World(sim, fake_clock, tmp_path)
 
 
 # --- DST -----------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from xcloudd.api import AuthFailed
 from xcloudd.clock import FakeClock
 from xcloudd.errors import ConfigError, ExitCode
 from xcloudd.events import EventFactory
-from xcloudd.simulator import Fault, FaultAction, RunningSimulator
+from xcloudd.simulator import Fault, FaultAction
 from xcloudd.simulator.faults import MalformedVariant
 from xcloudd.store import StartRequest, Store
 
@@ -35,11 +35,6 @@ def start_at() -> datetime:
 @pytest.fixture
 def fake_clock(start_at: datetime) -> SteppingClock:
     return SteppingClock(start_at.timestamp())
-
-
-@pytest.fixture
-def world(sim: RunningSimulator, fake_clock: SteppingClock, tmp_path: Path) -> World:
-    return World(sim, fake_clock, tmp_path)
 
 
 def posts(world: World) -> list[int | None]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -15,17 +14,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import SteppingClock
 from world import T0, World, job
-from xcloudd.simulator import Fault, RunningSimulator
+from xcloudd.simulator import Fault
 
 
 @pytest.fixture
 def fake_clock() -> SteppingClock:
     return SteppingClock(start=T0.timestamp())
-
-
-@pytest.fixture
-def world(sim: RunningSimulator, fake_clock: SteppingClock, tmp_path: Path) -> World:
-    return World(sim, fake_clock, tmp_path)
 
 
 def later(**delta: float) -> datetime:

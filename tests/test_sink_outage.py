@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -15,7 +14,6 @@ from aiohttp.test_utils import TestServer
 
 from conftest import SteppingClock
 from world import T0, World, job
-from xcloudd.simulator import RunningSimulator
 
 
 class Receiver:
@@ -39,11 +37,6 @@ class Receiver:
 @pytest.fixture
 def fake_clock() -> SteppingClock:
     return SteppingClock(start=T0.timestamp())
-
-
-@pytest.fixture
-def world(sim: RunningSimulator, fake_clock: SteppingClock, tmp_path: Path) -> World:
-    return World(sim, fake_clock, tmp_path)
 
 
 @pytest.fixture
