@@ -152,8 +152,8 @@ def test_example_config_documents_every_key_and_loads(tmp_path: Path, key_file: 
     assert config.api.key.key_id == "XXXXXXXXXX"
     assert config.state.path == tmp_path / ".local" / "state" / "xcloudd" / "state.db"
     assert config.polling == PollingConfig()
-    # [server] is shown commented out: it is optional.
-    assert config.server is None
+    assert config.server is not None
+    assert (config.server.host, config.server.port) == ("127.0.0.1", 9464)
     assert [s.type for s in config.sinks] == ["stdout", "file"]
     assert [j.name for j in config.jobs] == ["nightly-main", "release-candidate", "pr-check"]
     nightly = config.job("nightly-main")
