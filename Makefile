@@ -1,4 +1,6 @@
 # The two commands a new machine needs: `make demo` and `make test`.
+# `make demo` keeps stdout for the demo's own output (`make demo | jq .` works): its recipes are
+# silent (@) and the one-time set-up reports on stderr.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -7,13 +9,14 @@ STAMP := $(VENV)/.installed
 .PHONY: demo test lint typecheck unit clean
 
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
-	touch $(STAMP)
+	@echo "make: installing xcloudd and its test tools into $(VENV)" >&2
+	@$(PYTHON) -m venv $(VENV) >&2
+	@$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip >&2
+	@$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]' >&2
+	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/xcloudd demo
+	@$(BIN)/xcloudd demo
 
 test: lint typecheck unit
 

@@ -62,6 +62,7 @@ def body_lines(pem_bytes: bytes) -> list[str]:
 def key_file(tmp_path: Path, p256_pem: bytes) -> Path:
     path = tmp_path / f"AuthKey_{KEY_ID}.p8"
     path.write_bytes(p256_pem)
+    path.chmod(0o600)  # a key file others can read is refused
     return path
 
 
@@ -135,21 +136,26 @@ def test_individual_key_has_no_issuer(load: Load) -> None:
     assert config.api.key.issuer_id is None
 
 
-def test_example_config_documents_every_key_and_loads(tmp_path: Path, key_file: Path) -> None:
+def test_example_config_documents_every_key_and_loads(tmp_path: Path, p256_pem: bytes) -> None:
     example = (REPO / "config.example.toml").read_text()
     for section, keys in KNOWN_KEYS.items():
         for key in keys:
             written = f"[{key}]" in example or f"[[{key}]]" in example or f"{key} = " in example
             assert written, f"config.example.toml does not show {section}.{key}"
 
-    key_path = "/etc/xcloudd/AuthKey_XXXXXXXXXX.p8"
-    assert key_path in example
-    key_file.rename(tmp_path / "AuthKey_XXXXXXXXXX.p8")
+    # The key as systemd/xcloudd.service hands it over: LoadCredential=asc-key:... puts a copy
+    # in $CREDENTIALS_DIRECTORY/asc-key.
+    assert '\nprivate_key = "credential:asc-key"\n' in example
+    assert '\n# private_key = "/etc/xcloudd/AuthKey_XXXXXXXXXX.p8"\n' in example
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    (creds / "asc-key").write_bytes(p256_pem)
     path = tmp_path / "config.toml"
-    path.write_text(example.replace(key_path, str(tmp_path / "AuthKey_XXXXXXXXXX.p8")))
-    config = load_config(path, {"HOME": str(tmp_path)})
+    path.write_text(example)
+    config = load_config(path, {"HOME": str(tmp_path), "CREDENTIALS_DIRECTORY": str(creds)})
 
     assert config.api.key.key_id == "XXXXXXXXXX"
+    assert config.api.key.source == "credential:asc-key"
     assert config.state.path == tmp_path / ".local" / "state" / "xcloudd" / "state.db"
     assert config.polling == PollingConfig()
     assert config.server is not None
@@ -604,6 +610,7 @@ def test_key_from_default_os_environ(
 
 def _write(tmp_path: Path, name: str, data: bytes) -> str:
     (tmp_path / name).write_bytes(data)
+    (tmp_path / name).chmod(0o600)
     return name
 
 
@@ -720,6 +727,81 @@ def test_key_id_must_match_the_downloaded_file_name(fail: Fail, config_path: Pat
     message = fail(API.replace(f'key_id = "{KEY_ID}"', 'key_id = "ABCDEFGHIJ"'))
     assert message.startswith(f"{config_path}: api.key_id: 'ABCDEFGHIJ' does not match")
     assert f"AuthKey_{KEY_ID}.p8" in message
+
+
+KEY_FILE_MODES = {
+    0o644: "readable by others (mode 0644)",
+    0o640: "readable by its group (mode 0640)",
+    0o604: "readable by others (mode 0604)",
+    0o620: "writable by its group (mode 0620)",
+}
+
+
+@pytest.mark.parametrize("mode", list(KEY_FILE_MODES), ids=oct)
+def test_key_file_others_can_read_is_refused(
+    fail: Fail, load: Load, config_path: Path, key_file: Path, mode: int
+) -> None:
+    reason = KEY_FILE_MODES[mode]
+    key_file.chmod(mode)
+    assert fail(API) == (
+        f"{config_path}: api.private_key: {key_file}: {reason}; run chmod 600 {key_file}, "
+        "or use credential:NAME with LoadCredential="
+    )
+    # The fix the message gives works.
+    key_file.chmod(0o600)
+    assert load(API).api.key.source == str(key_file)
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o400])
+def test_key_file_only_its_owner_can_read_loads(load: Load, key_file: Path, mode: int) -> None:
+    key_file.chmod(mode)
+    assert load(API).api.key.source == str(key_file)
+
+
+def test_key_file_mode_is_that_of_the_file_a_symlink_names(
+    fail: Fail, load: Load, key_file: Path, tmp_path: Path
+) -> None:
+    link = tmp_path / "link.p8"
+    link.symlink_to(key_file)
+    text = key_config("link.p8")
+    assert load(text).api.key.source == str(link)
+    key_file.chmod(0o644)
+    assert f"{link}: readable by others (mode 0644); run chmod 600 {link}," in fail(text)
+
+
+def test_key_file_mode_hint_quotes_a_path_with_spaces(
+    fail: Fail, tmp_path: Path, p256_pem: bytes
+) -> None:
+    folder = tmp_path / "my keys"
+    folder.mkdir()
+    key = folder / "k.p8"
+    key.write_bytes(p256_pem)
+    key.chmod(0o644)
+    message = fail(key_config(str(key)))
+    assert f"{key}: readable by others (mode 0644); run chmod 600 '{key}', or use" in message
+
+
+def test_credential_key_file_others_can_read_is_accepted(
+    config_path: Path, env: dict[str, str], tmp_path: Path, p256_pem: bytes
+) -> None:
+    # systemd makes the credentials directory and its files, for the service user only;
+    # whatever mode a credential file has there is systemd's business.
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "asc-key").write_bytes(p256_pem)
+    (creds / "asc-key").chmod(0o644)
+    config_path.write_text(key_config("credential:asc-key"))
+    config = load_config(config_path, {**env, "CREDENTIALS_DIRECTORY": str(creds)})
+    assert config.api.key.source == "credential:asc-key"
+
+
+def test_what_is_no_key_is_said_before_its_mode(fail: Fail, tmp_path: Path) -> None:
+    # A world-readable file that holds no key is the wrong file, not a key to chmod.
+    (tmp_path / "cert.pem").write_text("hello\n")
+    (tmp_path / "cert.pem").chmod(0o644)
+    message = fail(key_config("cert.pem"))
+    assert "cert.pem: not a PEM private key" in message
+    assert "chmod" not in message
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")

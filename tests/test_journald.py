@@ -196,6 +196,7 @@ async def test_each_event_is_one_entry_that_journalctl_can_match_on(
         build_number=43,
         workflow_id="wf-12345678",
         job=None,
+        origin="watch",
         queued_s=5,
         reconciled=False,
     )

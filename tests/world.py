@@ -99,6 +99,7 @@ class World:
         self.events_path = tmp / "events.jsonl"
         self.config_path = sim.write_client_files(tmp)
         self.rt: Runtime | None = None  # the runtime of the process running now
+        self.daemon: Daemon | None = None
 
     def configure(
         self, extra: str, *, polling: str = 'interval = "1s"\nmin_interval = "1s"'
@@ -121,6 +122,7 @@ class World:
         ) as rt:
             self.rt = rt
             pump = Pump(self.clock, Daemon(rt), rt)
+            self.daemon = pump.daemon
             for step in steps:
                 if callable(step):
                     result = step()

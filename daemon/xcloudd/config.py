@@ -19,6 +19,8 @@ import ipaddress
 import math
 import os
 import re
+import shlex
+import stat
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -1208,6 +1210,8 @@ def _load_signing_key(ctx: _Context, t: _ApiTable) -> SigningKey:
             'and give its path, or use "env:NAME" or "credential:NAME"'
         )
     file: Path | None = None
+    # Why a plain key file is open to others; refused once it is known to hold a key at all.
+    exposed: str | None = None
     if ref.startswith("env:"):
         name = ref.removeprefix("env:")
         if not _ENV_NAME.fullmatch(name):
@@ -1233,11 +1237,17 @@ def _load_signing_key(ctx: _Context, t: _ApiTable) -> SigningKey:
         else:
             file = ctx.path(ref)
             source = str(file)
-        data = _read_file(ctx, "api.private_key", file)
+        data, mode = _read_file_and_mode(ctx, "api.private_key", file)
+        # Files in the credentials directory are exempt: systemd makes them, for the service
+        # user only.
+        if not ref.startswith("credential:"):
+            exposed = _exposure(file, mode)
 
     result = _parse_private_key(data)
     if isinstance(result, str):
         raise error(f"{source}: {result}")
+    if exposed:
+        raise error(exposed)
     if file is not None:
         named = _AUTHKEY_FILE.fullmatch(file.name)
         if named and named[1] != t.key_id:
@@ -1261,6 +1271,20 @@ def _credential_file(ctx: _Context, key: str, name: str, *, hint: str, shown: st
     return Path(directory) / name
 
 
+def _exposure(file: Path, mode: int) -> str | None:
+    """Why key `file` with permission bits `mode` is open to others than its owner, with the fix;
+    None when it is not. A key file must be its owner's alone."""
+    bits = mode & 0o077
+    if not bits:
+        return None
+    who = "others" if bits & 0o007 else "its group"
+    what = "readable" if bits & 0o044 else "writable" if bits & 0o022 else "accessible"
+    return (
+        f"{file}: {what} by {who} (mode {mode:04o}); run chmod 600 {shlex.quote(str(file))}, "
+        "or use credential:NAME with LoadCredential="
+    )
+
+
 def _pasted_key_kind(ref: str) -> str | None:
     """What kind of key material `ref` looks like, when it is no path or reference."""
     if "-----" in ref or "PRIVATE KEY" in ref:
@@ -1276,9 +1300,15 @@ def _pasted_key_kind(ref: str) -> str | None:
 
 def _read_file(ctx: _Context, key: str, file: Path) -> bytes:
     """The start of a key or credential file: more than _KEY_FILE_MAX bytes is the wrong file."""
+    return _read_file_and_mode(ctx, key, file)[0]
+
+
+def _read_file_and_mode(ctx: _Context, key: str, file: Path) -> tuple[bytes, int]:
+    """_read_file, with the permission bits of the file read (fstat: the same file, also when
+    `file` is a symlink or is replaced meanwhile)."""
     try:
         with file.open("rb") as fh:
-            return fh.read(_KEY_FILE_MAX + 1)
+            return fh.read(_KEY_FILE_MAX + 1), stat.S_IMODE(os.fstat(fh.fileno()).st_mode)
     except FileNotFoundError:
         reason = "no such file"
     except PermissionError:

@@ -12,10 +12,21 @@ from xcloudd.sinks import LineSink, Record
 _MARK = {"SUCCEEDED": "✔", "FAILED": "✘", "ERRORED": "✘", "CANCELED": "⊘", "SKIPPED": "⊘"}
 
 
+def _workflow(r: Mapping[str, Any]) -> str:
+    name = r.get("workflow_name")
+    return f'"{name}"' if name else f"workflow {str(r.get('workflow_id', ''))[:8]}"
+
+
 def _who(r: Mapping[str, Any]) -> str:
     number = r.get("build_number")
-    label = r.get("job") or f"watched workflow {str(r.get('workflow_id', ''))[:8]}"
+    label = r.get("job") or (
+        f"watched {_workflow(r)}" if r.get("origin") == "watch" else _workflow(r)
+    )
     return f"#{number} {label}" if number is not None else str(label)
+
+
+def _plural(n: object, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _secs(value: object) -> str:
@@ -30,7 +41,7 @@ def render(r: Mapping[str, Any]) -> str | None:
     name = r.get("event")
     match name:
         case "build.requested":
-            return f"requesting a build of workflow {r.get('workflow_id')}" + (
+            return f"requesting a build of {_workflow(r)}" + (
                 f" for job {r['job']}" if r.get("job") else ""
             )
         case "build.created":
@@ -56,7 +67,10 @@ def render(r: Mapping[str, Any]) -> str | None:
         case "daemon.error":
             return f"trouble in {r.get('where')}: {r.get('error')} (x{r.get('count')})"
         case "sink.dropped":
-            return f"{r.get('count')} events dropped for {r.get('sink')}: it fell too far behind"
+            return (
+                f"{_plural(r.get('count'), 'event')} dropped for {r.get('sink')}:"
+                " it fell too far behind"
+            )
         case "build.start_failed":
             where = f" at {r['pointer']}" if r.get("pointer") else ""
             return (
@@ -72,14 +86,29 @@ def render(r: Mapping[str, Any]) -> str | None:
             )
         case "api.throttled":
             return f"slowing down: {r.get('remaining')}/{r.get('limit')} requests left this hour"
-        case "api.unavailable" | "api.auth_failed" | "sink.failed" | "sink.recovered":
-            return f"{name}: {r.get('http_status') or r.get('sink') or ''}".rstrip(": ")
+        case "api.unavailable":
+            status = f" (HTTP {r['http_status']})" if r.get("http_status") else ""
+            return f"App Store Connect is unavailable{status}; waiting for it"
+        case "api.auth_failed":
+            return (
+                f"App Store Connect refused the key (HTTP {r.get('http_status')}); "
+                "check [api] key_id, issuer_id and the key's access"
+            )
+        case "sink.failed":
+            return (
+                f"sink {r.get('sink')} fails ({r.get('error')}); "
+                f"{_plural(r.get('pending'), 'event')} wait for it"
+            )
+        case "sink.recovered":
+            return f"sink {r.get('sink')} works again"
         case "schedule.fired":
             return f"{r.get('job')}: planned for {r.get('scheduled_for')}, starting"
         case "schedule.skipped":
             return f"{r.get('job')}: skipped the {r.get('scheduled_for')} run ({r.get('reason')})"
         case "schedule.missed":
-            return f"{r.get('job')}: {r.get('count')} planned runs missed while down"
+            return f"{r.get('job')}: {_plural(r.get('count'), 'planned run')} missed"
+        case "daemon.reload_failed":
+            return f"the new config was refused, the old one keeps running: {r.get('error')}"
         case "daemon.started" | "daemon.stopped" | "daemon.stopping" | "daemon.reloaded":
             return f"xcloudd {str(name).split('.')[1]}"
     return None

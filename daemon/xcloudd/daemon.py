@@ -7,7 +7,9 @@
     with the store, the API client and the supervisor beside them.
 
 This module checks what must hold before anything runs (the key works, watched workflows
-exist), starts those loops under supervision, and stops them in order.
+exist, no other daemon uses the store), starts those loops under supervision, applies a new
+config on SIGHUP, and stops them in order. `health.py` tells systemd, probes and `status` how
+it goes.
 """
 
 from __future__ import annotations
@@ -15,24 +17,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import os
 import random
 import signal
-import socket
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
-from xcloudd import __version__
+from xcloudd import __version__, notify
 from xcloudd.api import ApiError, ApiUnavailable, AuthFailed, BadResponse
 from xcloudd.clock import Clock
-from xcloudd.config import Config, WatchConfig
+from xcloudd.config import Config, JobConfig, WatchConfig, load_config
 from xcloudd.discovery import Discovery
-from xcloudd.errors import ConfigError, ExitCode
+from xcloudd.errors import ConfigError, ExitCode, XcloudError
 from xcloudd.follower import Follower
+from xcloudd.health import Health
 from xcloudd.intents import IntentSweeper
+from xcloudd.reload import Changes, compare, watch_key
 from xcloudd.resolve import ResolveError, Workflow
-from xcloudd.runtime import Runtime, build_sinks, open_runtime
+from xcloudd.runtime import (
+    Runtime,
+    build_sinks,
+    open_runtime,
+    refuse_unsupported,
+    replace_sinks,
+    sink_key,
+)
 from xcloudd.scheduler import JobScheduler, job_schedule
-from xcloudd.server import CHECK_TIMEOUT_S, Probes, Server
 from xcloudd.starter import Starter
 from xcloudd.store import StoreUnwritable
 from xcloudd.supervisor import describe
@@ -40,19 +50,15 @@ from xcloudd.supervisor import describe
 STOP_GRACE_S = 5.0
 PRUNE_EVERY_S = 300.0
 WATCH_RETRY_MAX_S = 300.0
+# READY=1 waits this long at most for the follower to take up the runs in the store.
+RESUME_WAIT_S = 30.0
 
 
-def notify_systemd(message: str) -> None:
-    """sd_notify(3) without libsystemd: one datagram to $NOTIFY_SOCKET, if systemd gave one."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        s.setblocking(False)
-        s.connect(address)
-        s.sendall(message.encode())
+def load_checked(path: Path) -> Config:
+    """The config as `xcloudd run` accepts it (also what a reload reads)."""
+    config = load_config(path)
+    refuse_unsupported(config)
+    return config
 
 
 @dataclass
@@ -61,12 +67,19 @@ class _Watch:
     config: WatchConfig
     workflow: Workflow | None = None
 
+    @property
+    def key(self) -> str:
+        return watch_key(self.config.workflow, self.config.product)
+
 
 class Daemon:
-    def __init__(self, rt: Runtime) -> None:
+    def __init__(self, rt: Runtime, *, load: Callable[[], Config] | None = None) -> None:
+        """`load` reads the config again on SIGHUP (default: the same file)."""
         self._rt = rt
         self._stop = asyncio.Event()
         config = rt.config
+        self._load = load or functools.partial(load_checked, config.path)
+        self.health = Health.create(rt)
         self._jobs = {job.name: job for job in config.jobs}
         starter = Starter(rt.store, rt.client, rt.resolver, rt.clock, owner=rt.owner)
         self._sweeper = IntentSweeper(
@@ -84,107 +97,74 @@ class Daemon:
             rt.clock,
             config.polling,
             report=rt.supervisor.report,
+            heartbeats=self.health.heartbeats,
         )
         self._discovery = Discovery(rt.store, rt.client, rt.clock)
-        self._watches = [_Watch(i, w) for i, w in enumerate(config.watches)]
+        self._watches = {w.key: w for w in (_Watch(i, c) for i, c in enumerate(config.watches))}
         self._rng = random.Random()
-        self._ready = False
-        self._server: Server | None = None
+        self._reloads = 0
+        self._reload_wanted = asyncio.Event()
 
     def stop(self) -> None:
         """Ask the daemon to shut down (what SIGTERM does)."""
         self._stop.set()
 
+    def reload(self) -> None:
+        """Read the config again and apply it (what SIGHUP does)."""
+        self._reload_wanted.set()
+
     async def run(self) -> ExitCode:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
-        loop.add_signal_handler(signal.SIGHUP, self._reopen_sinks)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        health = self.health
+        health.started = self._rt.clock.time()
+        health.jobs = len(self._jobs)
         try:
-            listen = await self._serve()
+            listen = await health.serve()
             await self._preflight()
             self._start_loops()
-            self._ready = True
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(RESUME_WAIT_S):
+                    await self.follower.resumed.wait()
+            health.ready = True
             self._rt.emitter.emit(
                 "daemon.started",
                 version=__version__,
                 jobs=len(self._jobs),
                 **({"listen": listen} if listen else {}),
             )
-            notify_systemd(f"READY=1\nSTATUS=following builds for {len(self._jobs)} jobs")
+            notify.notify("READY=1")
             await self._stop.wait()
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
-            self._ready = False
+            health.ready = False
         try:
             await self._shutdown()
         finally:
-            if self._server is not None:
-                await self._server.stop()
+            await health.stop_serving()
         return ExitCode.OK
-
-    async def _serve(self) -> str | None:
-        """Start `[server]`: probes answer from the start (not ready until the loops run)."""
-        rt = self._rt
-        server = rt.config.server
-        if server is None or rt.metrics is None:
-            return None
-        self._server = Server(
-            server.host,
-            server.port,
-            rt.metrics,
-            Probes(live=self._live, ready=self._readiness, refresh=self._refresh_metrics),
-        )
-        try:
-            return await self._server.start()
-        except OSError as exc:
-            self._server = None
-            raise ConfigError.at(
-                str(rt.config.path),
-                "server.listen",
-                f"cannot listen on {server.host}:{server.port}: {exc.strerror or exc}; "
-                "pick a free port or stop what uses it",
-            ) from None
-
-    async def _live(self) -> dict[str, str]:
-        ended = self._rt.supervisor.ended()
-        return {"loops": f"ended: {', '.join(ended)}"} if ended else {}
-
-    async def _readiness(self) -> dict[str, str]:
-        rt = self._rt
-        problems: dict[str, str] = {}
-        if not self._ready:
-            problems["daemon"] = "starting up or stopping"
-        try:
-            async with asyncio.timeout(CHECK_TIMEOUT_S):
-                await rt.store.call(rt.store.sync.outbox_end)
-        except Exception as exc:
-            problems["store"] = f"the state store does not answer: {describe(exc)}"
-        if rt.client.breaker_open:
-            problems["api"] = "App Store Connect is unreachable; requests wait for it"
-        elif rt.client.reachable is False:
-            problems["api"] = "App Store Connect did not answer the last request"
-        return problems
-
-    async def _refresh_metrics(self) -> None:
-        rt = self._rt
-        if rt.metrics is not None:
-            names = [s.name for s in rt.sinks]
-            rt.metrics.live.store = await rt.store.call(rt.store.sync.stats, names)
 
     async def _preflight(self) -> None:
         """Credentials once (rejected: exit 77 at once), and every watched workflow exists
         (missing: exit 78). An API outage only postpones these to the loops."""
         rt = self._rt
+        await self.health.claim_store()
         try:
             await rt.client.get("/v1/ciProducts", {"limit": "1", "fields[ciProducts]": "name"})
         except AuthFailed:
             raise
         except (ApiUnavailable, ApiError, BadResponse):
             pass  # unreachable or odd now: the loops retry, and report what they see
-        for watch in self._watches:
+        for watch in self._watches.values():
             await self._resolve_watch(watch, at_start=True)
+        await self._settle_holds()
+
+    async def _settle_holds(self) -> None:
+        """Held occurrences of jobs that no longer buffer are counted missed."""
+        rt = self._rt
         buffering = [job.name for job in self._jobs.values() if job.overlap == "buffer_one"]
         try:
             await rt.store.call(rt.store.sync.settle_orphaned_holds, buffering)
@@ -212,15 +192,25 @@ class Daemon:
     def _start_loops(self) -> None:
         sup = self._rt.supervisor
         for job in self._jobs.values():
-            if job_schedule(job) is not None or job.overlap == "buffer_one":
-                sup.spawn(
-                    f"schedule {job.name}", JobScheduler(self._rt.store, self._rt.clock, job).run
-                )
+            self._start_job(job)
         sup.spawn("intents", self._sweeper.run)
         sup.spawn("follower", self.follower.run)
-        for watch in self._watches:
-            sup.spawn(f"watch {watch.index}", functools.partial(self._watch_loop, watch))
+        for watch in self._watches.values():
+            self._start_watch(watch)
         sup.spawn("prune", self._prune_loop)
+        sup.spawn("reload", self._reload_loop)
+        sup.spawn("status", lambda: self.health.status_loop(notify.StatusLine()))
+        if notify.watchdog_interval() is not None:
+            sup.spawn("watchdog", self.health.watchdog)
+
+    def _start_job(self, job: JobConfig) -> None:
+        if job_schedule(job) is not None or job.overlap == "buffer_one":
+            rt = self._rt
+            fire = JobScheduler(rt.store, rt.clock, job, self.health.heartbeats)
+            rt.supervisor.spawn(f"schedule {job.name}", fire.run)
+
+    def _start_watch(self, watch: _Watch) -> None:
+        self._rt.supervisor.spawn(f"watch {watch.key}", functools.partial(self._watch_loop, watch))
 
     async def _watch_loop(self, watch: _Watch) -> None:
         rt = self._rt
@@ -242,11 +232,10 @@ class Daemon:
 
     async def _prune_loop(self) -> None:
         rt = self._rt
-        names = [s.name for s in rt.sinks]
         while True:
             await rt.store.call(
                 rt.store.sync.prune,
-                names,
+                [s.name for s in rt.sinks],
                 max_events=rt.config.state.outbox_max_events,
                 max_age=rt.config.state.outbox_max_age,
                 now=rt.clock.time(),
@@ -254,24 +243,85 @@ class Daemon:
             # Housekeeping on real time: virtual-time tests need not step through it.
             await asyncio.sleep(PRUNE_EVERY_S)
 
-    def _reopen_sinks(self) -> None:
-        for sink in self._rt.sinks:
-            sink.reopen()
+    # --- reload ---------------------------------------------------------------------------
+
+    async def _reload_loop(self) -> None:
+        while True:
+            await self._reload_wanted.wait()
+            self._reload_wanted.clear()
+            await self._reload()
+
+    async def _reload(self) -> None:
+        """SIGHUP: the new config's jobs, watches, polling and sinks take effect; runs in flight
+        keep being followed; an invalid config changes nothing (`daemon.reload_failed`)."""
+        rt = self._rt
+        notify.reloading()
+        self.health.ready = False
+        try:
+            try:
+                new = await asyncio.to_thread(self._load)
+                changes = compare(rt.config, new, sink_key)
+                watches = {
+                    w.key: w for w in (_Watch(i, c) for i, c in enumerate(changes.config.watches))
+                }
+                for key in changes.watches.new:
+                    await self._resolve_watch(watches[key], at_start=False)
+            except (XcloudError, ApiUnavailable, BadResponse) as exc:
+                rt.emitter.emit("daemon.reload_failed", error=describe(exc))
+                return
+            await self._apply(changes, watches)
+            self._reloads += 1
+            rt.emitter.emit(
+                "daemon.reloaded", version=__version__, jobs=len(self._jobs), **changes.fields()
+            )
+        finally:
+            self.health.ready = True
+            self.health.jobs = len(self._jobs)
+            notify.notify("READY=1")
+
+    async def _apply(self, changes: Changes, watches: dict[str, _Watch]) -> None:
+        rt = self._rt
+        sup = rt.supervisor
+        new = changes.config
+        await sup.stop(*(f"schedule {name}" for name in changes.jobs.gone))
+        for name in changes.jobs.removed:
+            del self._jobs[name]
+        for job in new.jobs:
+            if job.name in changes.jobs.new:
+                self._jobs[job.name] = job
+                self._start_job(job)
+        if changes.jobs:
+            self._sweeper.jobs = dict(self._jobs)
+            await self._settle_holds()
+        await sup.stop(*(f"watch {key}" for key in changes.watches.gone))
+        for key in changes.watches.gone:
+            del self._watches[key]
+        for key in changes.watches.new:
+            self._watches[key] = watches[key]
+            self._start_watch(watches[key])
+        if changes.polling:
+            self.follower.configure(new.polling)
+        rt.config = new
+        await replace_sinks(rt, new.sinks, changes.sinks)
 
     async def _shutdown(self) -> None:
         rt = self._rt
-        notify_systemd("STOPPING=1")
+        notify.notify("STOPPING=1")
         rt.emitter.emit("daemon.stopping", version=__version__, jobs=len(self._jobs))
+        await rt.supervisor.stop("reload", "watchdog", "status")
         await rt.supervisor.stop(*(f"schedule {name}" for name in self._jobs))
-        await rt.supervisor.stop(*(f"watch {w.index}" for w in self._watches))
+        await rt.supervisor.stop(*(f"watch {key}" for key in self._watches))
         await self._sweeper.stop(STOP_GRACE_S)
         await rt.supervisor.stop("intents", "follower", "prune")
+        with contextlib.suppress(Exception):
+            await self.health.beat(stopped=True)
         rt.emitter.emit("daemon.stopped", version=__version__, jobs=len(self._jobs))
 
 
 async def run_daemon(config: Config, *, clock: Clock | None = None) -> ExitCode:
     """Run until SIGTERM/SIGINT. Fatal start-up problems raise XcloudError (one line, its
-    exit code): rejected credentials (77), a watched workflow that does not exist (78)."""
+    exit code): rejected credentials (77), a watched workflow that does not exist or another
+    daemon on the same state store (78)."""
     sinks = functools.partial(build_sinks, config.sinks)
     async with open_runtime(config, sinks=lambda s: sinks(session=s), clock=clock) as rt:
         return await Daemon(rt).run()

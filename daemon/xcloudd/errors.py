@@ -9,6 +9,7 @@ from itertools import pairwise
 __all__ = [
     "ConfigError",
     "ExitCode",
+    "Interrupted",
     "UsageError",
     "XcloudError",
     "looks_like_key_material",
@@ -17,14 +18,21 @@ __all__ = [
 
 
 class ExitCode(IntEnum):
+    """What a script can branch on. 1 means only "the build failed or the start was refused":
+    every other trouble has a code of its own."""
+
     OK = 0
     FAILED = 1  # build FAILED/ERRORED, or the API refused the start
     CANCELED = 3  # build CANCELED or SKIPPED
     GAVE_UP = 4  # gave up watching
-    USAGE = 64
-    UNAVAILABLE = 69  # API unavailable after retries
+    USAGE = 64  # a bad command line, also names and ids on it that do not exist
+    UNAVAILABLE = 69  # API unavailable after retries, or no answer within the deadline
+    SOFTWARE = 70  # a bug in xcloudd (sysexits EX_SOFTWARE)
+    IO = 74  # the state store cannot be read or written (sysexits EX_IOERR)
     CREDENTIALS = 77  # credentials rejected
-    CONFIG = 78  # config invalid
+    CONFIG = 78  # config invalid, also names in it that do not exist
+    INTERRUPTED = 130  # SIGINT (128 + 2)
+    TERMINATED = 143  # SIGTERM (128 + 15)
 
 
 class XcloudError(Exception):
@@ -38,6 +46,14 @@ class XcloudError(Exception):
 
 class UsageError(XcloudError):
     exit_code = ExitCode.USAGE
+
+
+class Interrupted(XcloudError):
+    """A signal ended the command: 130 for SIGINT, 143 for SIGTERM, as a shell reports them."""
+
+    def __init__(self, message: str, *, terminated: bool) -> None:
+        super().__init__(message)
+        self.exit_code = ExitCode.TERMINATED if terminated else ExitCode.INTERRUPTED
 
 
 class ConfigError(XcloudError):

@@ -22,6 +22,7 @@ from xcloudd.clock import Clock
 EventName = Literal[
     "daemon.started",
     "daemon.reloaded",
+    "daemon.reload_failed",
     "daemon.stopping",
     "daemon.stopped",
     "daemon.error",
@@ -120,6 +121,7 @@ _LEVELS: Mapping[EventName, Level] = {
     "api.unavailable": "error",
     "api.auth_failed": "error",
     "daemon.error": "error",
+    "daemon.reload_failed": "error",
     "sink.failed": "error",
     "sink.dropped": "error",
 }

@@ -19,11 +19,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from xcloudd import failpoints
 from xcloudd.api import ApiError, ApiUnavailable, AscClient, AuthFailed, BadResponse, NotFound
 from xcloudd.asyncstore import AsyncStore
 from xcloudd.clock import Clock, wait_first
 from xcloudd.config import PollingConfig
 from xcloudd.events import RESULTS, BuildRef, Event, EventFactory, EventName
+from xcloudd.notify import Heartbeats
 from xcloudd.resources import RUN_CONTEXT, RUN_FIELDS, BuildRun, run_context
 from xcloudd.store import RunRecord, parse_iso
 
@@ -65,6 +67,7 @@ class Follower:
         report: Callable[[str, BaseException], None],
         only: Container[str] | None = None,
         rng: random.Random | None = None,
+        heartbeats: Heartbeats | None = None,
     ) -> None:
         self._store = store
         self._db = store.sync
@@ -83,6 +86,9 @@ class Follower:
         self._tasks: set[asyncio.Task[None]] = set()
         self._rescan = 0.0
         self._new_runs = asyncio.Event()
+        self._heartbeats = heartbeats or Heartbeats(clock)
+        # Set once the store's unfinished runs are taken up (start-up: "runs resumed").
+        self.resumed = asyncio.Event()
         store.on_written(self._on_written)
 
     def _on_written(self, rows: list[tuple[str, str]]) -> None:
@@ -114,12 +120,19 @@ class Follower:
     async def _scan(self) -> None:
         """Take up the store's unfinished runs that are not followed yet."""
         self._rescan = self._clock.monotonic() + RESCAN_S
-        records = await self._store.call(self._db.runs_in_flight)
+        with self._heartbeats.busy("follower"):
+            await failpoints.reach("follower.scan")
+            records = await self._store.call(self._db.runs_in_flight)
         for rec in records:
             wanted = self._only is None or rec.run_id in self._only
             if rec.run_id in self._runs or not wanted:
                 continue
             self._track(rec)
+        self.resumed.set()
+
+    def configure(self, polling: PollingConfig) -> None:
+        """New polling settings (a reload): they apply from each run's next poll."""
+        self._polling = polling
 
     def _track(self, rec: RunRecord) -> None:
         born = parse_iso(rec.created_at or rec.first_seen)

@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Literal
 
-from xcloudd.api import JSON, AscClient, NotFound
-from xcloudd.errors import XcloudError
+from xcloudd.api import JSON, AscClient, BadResponse, NotFound
+from xcloudd.errors import ExitCode, XcloudError
 from xcloudd.resources import Named, related_id
 
 UUID_RE = re.compile(
@@ -23,7 +23,10 @@ _PREFIX: dict[RefKind, str] = {"BRANCH": "refs/heads/", "TAG": "refs/tags/"}
 
 
 class ResolveError(XcloudError):
-    """A name that matches nothing, or more than one thing."""
+    """A name that matches nothing, or more than one thing: the user's mistake, so a usage
+    error (64) on the command line; commands report one from the config as a ConfigError (78)."""
+
+    exit_code = ExitCode.USAGE
 
 
 @dataclass(frozen=True)
@@ -79,8 +82,13 @@ class Resolver:
             return matches[0]
         if not matches:
             known = ", ".join(sorted(p.name for p in products)) or "none"
-            raise ResolveError(f"no Xcode Cloud product named {ident!r} (products: {known})")
-        raise ResolveError(f"product name {ident!r} is ambiguous: use its id")
+            raise ResolveError(
+                f"no Xcode Cloud product named {ident!r} is visible to this key (products: {known})"
+            )
+        ids = ", ".join(p.id for p in matches)
+        raise ResolveError(
+            f"{len(matches)} products are named {ident!r}: give the id of one ({ids})"
+        )
 
     async def workflow(self, ident: str, product: str | None = None) -> Workflow:
         """A workflow by id, or by name within a product."""
@@ -91,11 +99,12 @@ class Resolver:
                 )
             except NotFound:
                 raise ResolveError(
-                    f"no workflow with id {ident} (list them with `xcloudd workflows`)"
+                    f"no workflow with id {ident} is visible to this key"
+                    " (`xcloudd workflows` lists them)"
                 ) from None
             data = doc.get("data")
             if not isinstance(data, dict):
-                raise ResolveError(f"App Store Connect sent no data for workflow {ident}")
+                raise BadResponse(f"App Store Connect sent no data for workflow {ident}")
             return _workflow(Named.parse(data, "ciWorkflows"), related_id(data, "product"))
         if product is None:
             raise ResolveError(
@@ -112,7 +121,11 @@ class Resolver:
             raise ResolveError(
                 f"product {prod.name!r} has no workflow named {ident!r} (workflows: {known})"
             )
-        raise ResolveError(f"product {prod.name!r} has {len(matches)} workflows named {ident!r}")
+        ids = ", ".join(w.id for w in matches)
+        raise ResolveError(
+            f"product {prod.name!r} has {len(matches)} workflows named {ident!r}:"
+            f" give the id of one ({ids})"
+        )
 
     async def repository_of(self, workflow_id: str) -> str:
         if workflow_id not in self._repositories:
@@ -122,7 +135,7 @@ class Resolver:
             )
             data = doc.get("data")
             if not isinstance(data, dict) or not isinstance(data.get("id"), str):
-                raise ResolveError(f"workflow {workflow_id} has no repository")
+                raise ResolveError("the workflow has no repository")
             self._repositories[workflow_id] = data["id"]
         return self._repositories[workflow_id]
 
@@ -147,12 +160,19 @@ class Resolver:
         if len(matches) == 1:
             return matches[0]
         if not matches:
+            searched = len(self._refs[repo])
             raise ResolveError(
                 f"the workflow's repository has no {what} {name!r}"
-                f" ({len(self._refs[repo])} references searched, deleted ones skipped)"
+                f" ({searched} {'reference' if searched == 1 else 'references'} searched,"
+                " deleted ones skipped)"
             )
-        ids = ", ".join(r.id for r in matches)
-        raise ResolveError(f"{what} {name!r} matches {len(matches)} references ({ids})")
+        names = ", ".join(
+            str(r.attributes.get("canonicalName") or r.name) + f" (id {r.id})" for r in matches
+        )
+        raise ResolveError(
+            f"{what} {name!r} matches {len(matches)} references in the workflow's repository:"
+            f" {names}"
+        )
 
     async def pull_request(self, workflow_id: str, ident: str) -> str:
         """A pull request id; a short number is looked up among the repository's pull requests."""

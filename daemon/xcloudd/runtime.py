@@ -36,6 +36,7 @@ from xcloudd.delivery import Delivery, Mine
 from xcloudd.errors import ConfigError
 from xcloudd.events import Emitter, Event, EventFactory
 from xcloudd.metrics import Metrics, MetricsSink, errors_by_task
+from xcloudd.reload import Diff
 from xcloudd.resolve import Resolver
 from xcloudd.sinks import FileSink, Sink, StdoutSink
 from xcloudd.store import Store, StoreUnwritable
@@ -57,6 +58,7 @@ class Runtime:
     resolver: Resolver
     supervisor: Supervisor
     owner: str
+    session: aiohttp.ClientSession
     deliveries: list[Delivery] = field(default_factory=list)
     sinks: list[Sink] = field(default_factory=list)
     metrics: Metrics | None = None
@@ -72,26 +74,47 @@ def refuse_unsupported(config: Config) -> None:
         )
 
 
-def _build_sink(sc: SinkConfig, session: aiohttp.ClientSession | None) -> Sink:
-    """The sink for one [[sinks]] entry: its declared config type picks its delivery code."""
+def sink_key(sc: SinkConfig) -> str:
+    """The sink's name: it keys the sink's cursor in the store, so it is stable for one
+    destination and never shows a secret (Slack's webhook URL is one)."""
     match sc:
         case StdoutSinkConfig():
-            return StdoutSink(sc.events, min_level=sc.min_level)
+            return "stdout"
         case FileSinkConfig():
-            return FileSink(sc.path, sc.events, min_level=sc.min_level)
+            return f"file:{sc.path}"
+        case JournaldSinkConfig():
+            default = sc.socket == JournaldSinkConfig().socket
+            return "journald" if default else f"journald:{sc.socket}"
+        case HttpSinkConfig():
+            from xcloudd.httpsinks import sink_name
+
+            return sink_name(str(sc.url))
+        case SlackSinkConfig():
+            return f"slack:{hashlib.sha256(str(sc.url).encode()).hexdigest()[:8]}"
+    raise ConfigError(f"unknown sink type {sc.type!r}")
+
+
+def build_sink(sc: SinkConfig, session: aiohttp.ClientSession | None) -> Sink:
+    """The sink for one [[sinks]] entry: its declared config type picks its delivery code."""
+    sink: Sink
+    match sc:
+        case StdoutSinkConfig():
+            sink = StdoutSink(sc.events, min_level=sc.min_level)
+        case FileSinkConfig():
+            sink = FileSink(sc.path, sc.events, min_level=sc.min_level)
         case JournaldSinkConfig():
             from xcloudd.journald import JournaldSink
 
-            return JournaldSink(sc.socket, sc.events, min_level=sc.min_level)
+            sink = JournaldSink(sc.socket, sc.events, min_level=sc.min_level)
         case HttpSinkConfig():
-            from xcloudd.httpsinks import HttpSink, sink_name
+            from xcloudd.httpsinks import HttpSink
 
             assert session is not None
             auth = None
             if sc.username is not None and sc.password is not None:
                 auth = (str(sc.username), str(sc.password))
-            return HttpSink(
-                sink_name(str(sc.url)),
+            sink = HttpSink(
+                sink_key(sc),
                 str(sc.url),
                 session,
                 sc.format,
@@ -109,11 +132,10 @@ def _build_sink(sc: SinkConfig, session: aiohttp.ClientSession | None) -> Sink:
 
             assert session is not None
             sink = SlackSink(str(sc.url), session, events=sc.events, min_level=sc.min_level)
-            # The name keys the sink's cursor: stable for one webhook, different for two, and
-            # no part of the URL (a credential) shows in it.
-            sink.name = f"slack:{hashlib.sha256(str(sc.url).encode()).hexdigest()[:8]}"
-            return sink
-    raise ConfigError(f"unknown sink type {sc.type!r}")
+        case _:
+            raise ConfigError(f"unknown sink type {sc.type!r}")
+    sink.name = sink_key(sc)
+    return sink
 
 
 def build_sinks(
@@ -132,14 +154,47 @@ def build_sinks(
     for sc in configs:
         if console is not None and sc.type == "stdout":
             continue
-        sink = _build_sink(sc, session)
-        if sink.name in names:
+        if sink_key(sc) in names:
             continue  # the same destination twice would only write each event twice
-        names.add(sink.name)
-        sinks.append(sink)
+        names.add(sink_key(sc))
+        sinks.append(build_sink(sc, session))
     if console is not None:
         sinks.insert(0, console_sink(console_stream) if console else StdoutSink())
     return sinks
+
+
+async def replace_sinks(rt: Runtime, configs: Iterable[SinkConfig], changed: Diff) -> None:
+    """A reload: the sinks removed or changed stop after the batch under way (their cursors
+    stay where they were confirmed), then the new ones start from their own cursors, so no
+    event waiting in the outbox is lost or delivered twice."""
+    gone = set(changed.gone)
+    leaving = [d for d in rt.deliveries if d.sink.name in gone]
+    for delivery in leaving:
+        delivery.stop()
+    await rt.supervisor.join([f"sink {d.sink.name}" for d in leaving], DRAIN_S)
+    for delivery in leaving:
+        rt.deliveries.remove(delivery)
+        rt.sinks.remove(delivery.sink)
+        with contextlib.suppress(Exception):
+            await delivery.sink.aclose()
+    wanted = set(changed.new)
+    for sc in configs:
+        if sink_key(sc) in wanted and sink_key(sc) not in {s.name for s in rt.sinks}:
+            sink = build_sink(sc, rt.session)
+            _deliver(rt, sink)
+    for sink in rt.sinks:
+        sink.reopen()  # a reload is also the moment to reopen files (logrotate sends SIGHUP)
+    if rt.metrics is not None:
+        rt.metrics.live.sinks = list(rt.deliveries)
+
+
+def _deliver(rt: Runtime, sink: Sink) -> None:
+    # The cursor is read (or created) when the delivery first runs: under supervision, so a
+    # store that cannot be written yet only delays it.
+    delivery = Delivery(rt.store, sink, rt.emitter, rt.clock)
+    rt.sinks.append(sink)
+    rt.deliveries.append(delivery)
+    rt.supervisor.spawn(f"sink {sink.name}", delivery.run)
 
 
 def wants_console(stream: object = None) -> bool:
@@ -213,6 +268,7 @@ async def open_runtime(
     connector = aiohttp.TCPConnector(limit=16, ttl_dns_cache=300)
     mine: Mine | None = None
     built: list[Sink] = []
+    rt: Runtime | None = None
     try:
         async with aiohttp.ClientSession(connector=connector, raise_for_status=False) as session:
             built = sinks(session) if callable(sinks) else sinks
@@ -235,16 +291,13 @@ async def open_runtime(
                 Resolver(client),
                 supervisor,
                 owner,
-                sinks=built,
+                session,
             )
             if durable:
                 for sink in built:
-                    # Its cursor is read (or created) when it first runs: under supervision, so
-                    # a store that cannot be written yet only delays it.
-                    delivery = Delivery(store, sink, emitter, clock)
-                    rt.deliveries.append(delivery)
-                    supervisor.spawn(f"sink {sink.name}", delivery.run)
+                    _deliver(rt, sink)
             else:
+                rt.sinks = list(built)
                 mine = Mine(store, built)
                 supervisor.spawn("console", mine.run)
             if durable and config.server is not None:
@@ -264,11 +317,13 @@ async def open_runtime(
                     delivery.stop()
                 if mine is not None:
                     mine.stop()
-                await supervisor.join([*(f"sink {s.name}" for s in built), "console"], DRAIN_S)
+                await supervisor.join(
+                    [*(f"sink {d.sink.name}" for d in rt.deliveries), "console"], DRAIN_S
+                )
                 await _drain(rt, mine)
-                await supervisor.stop()
+                await supervisor.stop_all()
     finally:
-        for sink in built:
+        for sink in rt.sinks if rt is not None else built:
             with contextlib.suppress(Exception):
                 await sink.aclose()
         await store.aclose()

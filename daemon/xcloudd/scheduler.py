@@ -13,9 +13,11 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime
 
+from xcloudd import failpoints
 from xcloudd.asyncstore import AsyncStore
 from xcloudd.clock import Clock
 from xcloudd.config import JobConfig
+from xcloudd.notify import Heartbeats
 from xcloudd.schedule import Schedule, build_schedule, missed_between
 from xcloudd.starter import ON_TIME_S
 
@@ -34,7 +36,14 @@ def job_schedule(job: JobConfig) -> Schedule | None:
 class JobScheduler:
     """One job's fire loop."""
 
-    def __init__(self, store: AsyncStore, clock: Clock, job: JobConfig) -> None:
+    def __init__(
+        self,
+        store: AsyncStore,
+        clock: Clock,
+        job: JobConfig,
+        heartbeats: Heartbeats | None = None,
+    ) -> None:
+        self._heartbeats = heartbeats or Heartbeats(clock)
         self._store = store
         self._db = store.sync
         self._clock = clock
@@ -49,12 +58,16 @@ class JobScheduler:
         mark = await self._store.call(self._db.begin_job, job.name, self._now())
         while True:
             token = self._store.changed()
-            if self._schedule is not None:
-                mark = await self.look(mark, self._now())
-            if job.overlap == "buffer_one" and await self._store.call(self._db.has_held, job.name):
-                released = await self._store.call(self._db.release_held, job.name)
-                if released is not None:
-                    self._store.notify()
+            with self._heartbeats.busy(f"schedule {job.name}"):
+                await failpoints.reach("schedule")
+                if self._schedule is not None:
+                    mark = await self.look(mark, self._now())
+                if job.overlap == "buffer_one" and await self._store.call(
+                    self._db.has_held, job.name
+                ):
+                    released = await self._store.call(self._db.release_held, job.name)
+                    if released is not None:
+                        self._store.notify()
             await self._sleep(mark, token)
 
     async def look(self, mark: datetime, now: datetime) -> datetime:

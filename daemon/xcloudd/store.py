@@ -127,11 +127,33 @@ _MIGRATIONS: tuple[str, ...] = (
         seq INTEGER NOT NULL
     );
     """,
-    # 3: when a run finished, so "last successful build per job" outlives a restart.
+    # 3: when a run finished, so "last successful build per job" outlives a restart; the
+    # daemon's heartbeat, so `status` can tell whether its information is current.
     """
     ALTER TABLE runs ADD COLUMN finished_at REAL;
+    CREATE TABLE daemon (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        pid INTEGER NOT NULL,
+        host TEXT NOT NULL,
+        version TEXT NOT NULL,
+        started REAL NOT NULL,
+        beat REAL NOT NULL,
+        stopped REAL
+    );
     """,
 )
+
+
+@dataclass(frozen=True)
+class DaemonBeat:
+    """The last heartbeat of the daemon that used this store."""
+
+    pid: int
+    host: str
+    version: str
+    started: float
+    beat: float
+    stopped: float | None  # set when it stopped cleanly
 
 
 @dataclass(frozen=True)
@@ -1051,6 +1073,25 @@ class Store:
             pending={s: self.pending_count(s) for s in sinks},
             last_success={str(job): float(at) for job, at in last},
         )
+
+    def heartbeat(
+        self, *, pid: int, host: str, version: str, started: float, stopped: bool = False
+    ) -> None:
+        """The daemon says it is alive (or, with `stopped`, that it stopped cleanly)."""
+        now = self._now().timestamp()
+        with self._tx() as c:
+            c.execute(
+                "INSERT INTO daemon VALUES (1, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET"
+                " pid = excluded.pid, host = excluded.host, version = excluded.version,"
+                " started = excluded.started, beat = excluded.beat, stopped = excluded.stopped",
+                (pid, host, version, started, now, now if stopped else None),
+            )
+
+    def daemon_beat(self) -> DaemonBeat | None:
+        row = self._conn.execute(
+            "SELECT pid, host, version, started, beat, stopped FROM daemon WHERE id = 1"
+        ).fetchone()
+        return None if row is None else DaemonBeat(*row)
 
     def outbox_size(self) -> int:
         return int(self._conn.execute("SELECT count(*) FROM outbox").fetchone()[0])

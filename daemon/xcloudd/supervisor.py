@@ -73,12 +73,14 @@ class Supervisor:
         self._rng = rng or random.Random()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.failures: Counter[str] = Counter()
+        self.last_error: str | None = None  # for systemd's STATUS= line
 
     def report(self, where: str, exc: BaseException) -> None:
         """Count a failure; report the first of its kind (and then every power of ten)."""
         key = f"{where.split(' ', maxsplit=1)[0]}:{type(exc).__name__}"
         self.failures[key] += 1
         count = self.failures[key]
+        self.last_error = f"{where}: {describe(exc)}"
         if not _worth_reporting(count):
             return
         try:
@@ -128,8 +130,15 @@ class Supervisor:
         await self.stop(*names)
 
     async def stop(self, *names: str) -> None:
-        """Cancel the named loops (all if none named) and wait for them to end."""
-        chosen = [t for n, t in self._tasks.items() if not names or n in names]
+        """Cancel the named loops and wait for them to end (none named: none stopped)."""
+        await self._cancel([t for n, t in self._tasks.items() if n in names])
+
+    async def stop_all(self) -> None:
+        await self._cancel(list(self._tasks.values()))
+
+    async def _cancel(self, chosen: list[asyncio.Task[None]]) -> None:
+        # Never the task that asks: it would wait for itself.
+        chosen = [t for t in chosen if t is not asyncio.current_task()]
         for task in chosen:
             task.cancel()
         await asyncio.gather(*chosen, return_exceptions=True)

@@ -6,14 +6,21 @@ Public API:
   runs, faults, seeded random generator, traffic) and `app()`, the aiohttp application serving
   Apple's paths plus the `/_sim/` admin API. `seed` defaults to the scenario's (0).
 - `running_simulator(...)`: async context manager serving one on a local port.
-- `serve(listen, scenario_path, state_dir)`: the `xcloudd simulator` command.
+- `serve(listen, scenario_path, state_dir=None)`: the `xcloudd simulator` command. It prints a
+  banner (the URL on the line with "stand-in at ", each workflow with its outcomes, where the
+  key and a ready client config are) and ends normally on SIGTERM or SIGINT (exit 0).
+  `state_dir=None` is `default_state_dir()`: $XDG_STATE_HOME/xcloudd-simulator, else
+  ~/.local/state/xcloudd-simulator; never the working directory, since it holds a private key.
+- Workflow descriptions as served name the outcome ("Always fails (simulator: always FAILED)"),
+  so any client's listing of workflows says which gives which result.
 - `Fault`/`FaultAction`/`MalformedVariant`: fault rules, added with `sim.faults.add(Fault(...))`
   (see faults.py for what each action does).
 - `Scenario`, `default_scenario()`, `load_scenario(path)`: the simulated world.
 
 Admin API (no auth; local tool, deliberately outside /v1):
 
-- GET /_sim/info: base URL, key ids, rate limit, clock time, seed.
+- GET /_sim/info: base URL, key ids, rate limit, clock time, seed, and the workflows with their
+  outcomes.
 - GET /_sim/runs[?workflow_id=]; POST /_sim/runs {"workflow_id", "git_reference_id"?,
   "pull_request_id"?, "start_reason"?, "outcome"?}: ground truth, builds behind the client's back.
 - POST /_sim/faults with the Fault fields as JSON (all optional; defaults shown):
@@ -38,7 +45,13 @@ from xcloudd.simulator.scenario import (
     load_scenario,
     scenario_from_dict,
 )
-from xcloudd.simulator.server import RunningSimulator, running_simulator, serve, write_client_files
+from xcloudd.simulator.server import (
+    RunningSimulator,
+    default_state_dir,
+    running_simulator,
+    serve,
+    write_client_files,
+)
 from xcloudd.simulator.traffic import TrafficEntry
 
 __all__ = [
@@ -54,6 +67,7 @@ __all__ = [
     "TrafficEntry",
     "Workflow",
     "default_scenario",
+    "default_state_dir",
     "generate_key",
     "load_or_create_key",
     "load_scenario",

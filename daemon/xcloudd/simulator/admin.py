@@ -100,6 +100,19 @@ async def admin_info(request: web.Request) -> web.Response:
             "rate_limit": sim.rate_limiter.limit,
             "now": sim.clock.time(),
             "seed": sim.seed,
+            # Which workflow gives which outcome (in turn, when it lists several).
+            "workflows": [
+                {
+                    "id": w.id,
+                    "product": p.name,
+                    "name": w.name,
+                    "enabled": w.is_enabled,
+                    "outcomes": list(w.behaviour.outcomes),
+                    "description": w.description,
+                }
+                for p in sim.scenario.products
+                for w in p.workflows
+            ],
         }
     )
 

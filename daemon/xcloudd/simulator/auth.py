@@ -85,7 +85,7 @@ def load_or_create_key(state_dir: Path) -> ApiKey:
             ) from None
         return key
     key = generate_key()
-    state_dir.mkdir(parents=True, exist_ok=True)
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # it holds the private key
     payload = json.dumps(
         {
             "key_id": key.key_id,

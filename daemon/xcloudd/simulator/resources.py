@@ -146,7 +146,7 @@ class Renderer:
         first = w.behaviour.outcomes == ("SUCCEEDED",)
         attributes = {
             "name": w.name,
-            "description": w.description,
+            "description": w.served_description,
             # Only always-green workflows start on pushes to the default branch; all accept
             # manual starts on any branch, tag or pull request (what xcloudd needs).
             "branchStartCondition": {

@@ -147,6 +147,23 @@ class Workflow:
     actions: tuple[str, ...] = ("BUILD", "TEST")
     behaviour: BuildBehaviour = field(default_factory=BuildBehaviour)
 
+    @property
+    def outcome_summary(self) -> str:
+        """What a build of this workflow ends as, e.g. "SUCCEEDED, FAILED in turn"."""
+        if not self.is_enabled:
+            return "refused (disabled)"
+        outcomes = self.behaviour.outcomes
+        if len(set(outcomes)) == 1:
+            return f"always {outcomes[0]}"
+        return f"{', '.join(outcomes)} in turn"
+
+    @property
+    def served_description(self) -> str:
+        """The `description` App Store Connect clients see: the scenario's text plus the
+        outcome, so a listing of workflows says which one gives which result."""
+        note = f"simulator: {self.outcome_summary}"
+        return f"{self.description} ({note})" if self.description else note
+
 
 @dataclass(frozen=True)
 class Product:
