@@ -602,9 +602,9 @@ def test_any_config_is_valid_or_one_line_naming_file_and_key(
     assert SECRET not in captured.err + captured.out
     if code == 0:
         # A valid config may still earn warnings (an `at` date in the past), never errors.
-        assert all(
-            line.startswith("xcloudd: warning: ") for line in captured.err.splitlines()
-        ), captured.err
+        assert all(line.startswith("xcloudd: warning: ") for line in captured.err.splitlines()), (
+            captured.err
+        )
         return
     assert code == 78, captured.err
     assert captured.err.count("\n") == 1, captured.err
