@@ -274,7 +274,7 @@ def _start_target(args: argparse.Namespace) -> Target | None:
     """The target the options describe, or None for a JOB (which needs the config). Mistakes
     in the arguments are found here, before the config is read: they are usage errors (64)
     even when the config is broken too."""
-    from xcloudd.commands import check_target
+    from xcloudd.targets import check_target
     from xcloudd.starter import Target
 
     if args.job and args.workflow:
@@ -348,12 +348,13 @@ def _dispatch(args: argparse.Namespace) -> ExitCode:
         case "check":
             return _check(args)
         case "start":
-            from xcloudd import commands
+            from xcloudd import commands, targets
+            from xcloudd.deadline import Deadline
 
             given = _start_target(args)
             config = _config(args)
             target = given or _job_target(args, config)
-            deadline = commands.Deadline.of(config, sys.stderr)
+            deadline = Deadline.of(config, sys.stderr)
             return _run(
                 lambda: _with_runtime(
                     config,
@@ -362,11 +363,12 @@ def _dispatch(args: argparse.Namespace) -> ExitCode:
                 )
             )
         case "watch":
-            from xcloudd import commands
+            from xcloudd import commands, targets
+            from xcloudd.deadline import Deadline
 
-            commands.check_run_id(args.run_id)
+            targets.check_run_id(args.run_id)
             config = _config(args)
-            deadline = commands.Deadline.of(config, sys.stderr)
+            deadline = Deadline.of(config, sys.stderr)
             return _run(
                 lambda: _with_runtime(
                     config,
@@ -375,10 +377,11 @@ def _dispatch(args: argparse.Namespace) -> ExitCode:
                 )
             )
         case "workflows":
-            from xcloudd import commands
+            from xcloudd import commands, targets
+            from xcloudd.deadline import Deadline
 
             config = _config(args)
-            deadline = commands.Deadline.of(config, sys.stderr)
+            deadline = Deadline.of(config, sys.stderr)
             return _run(
                 lambda: _with_runtime(
                     config,
@@ -394,7 +397,8 @@ def _dispatch(args: argparse.Namespace) -> ExitCode:
             config = _config(args)
             return asyncio.run(run_daemon(config))
         case "status":
-            from xcloudd import commands
+            from xcloudd import commands, targets
+            from xcloudd.deadline import Deadline
 
             config = _config(args)
             return commands.status(config, sys.stdout, as_json=args.json)
@@ -403,6 +407,7 @@ def _dispatch(args: argparse.Namespace) -> ExitCode:
 
 def _check(args: argparse.Namespace) -> ExitCode:
     from xcloudd import commands
+    from xcloudd.deadline import Deadline
 
     # Each fire time costs a calendar search; a typo like 50000000 would hang.
     if not 1 <= args.count <= _MAX_COUNT:
@@ -422,7 +427,7 @@ def _check(args: argparse.Namespace) -> ExitCode:
     if not args.json:
         commands.write_plan(config, planned, sys.stdout)
         sys.stdout.flush()
-    deadline = commands.Deadline.of(config, sys.stderr)
+    deadline = Deadline.of(config, sys.stderr)
     return _run(
         lambda: _with_runtime(
             config,

@@ -3,374 +3,41 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import re
-from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
-from typing import Any, Literal, TextIO
+from typing import Any, TextIO
 from urllib.parse import quote
 
 import orjson
 
 from xcloudd.api import ApiUnavailable, BadResponse, NotFound
 from xcloudd.config import Config, JobConfig
+from xcloudd.deadline import Deadline, guarded, paused
 from xcloudd.durations import format_duration
-from xcloudd.errors import ConfigError, ExitCode, UsageError, XcloudError
+from xcloudd.errors import ConfigError, ExitCode, UsageError
 from xcloudd.follower import Follower
-from xcloudd.resolve import UUID_RE, Product, RefKind, ResolveError, Resolver, Workflow
+from xcloudd.resolve import ResolveError, Resolver
 from xcloudd.resources import RUN_FIELDS, BuildRun
 from xcloudd.runtime import Runtime
 from xcloudd.starter import ON_TIME_S, Starter, Target
-from xcloudd.store import NewRun, RunRecord, StartRequest
+from xcloudd.store import NewRun, RunRecord
+from xcloudd.targets import (
+    Origin,
+    Resolved,
+    check_run_id,
+    product_by_id,
+    quoted,
+    resolve_named,
+)
 
 # How long `xcloudd start` keeps settling a start whose outcome is unknown before it gives up
 # (exit 69); the intent stays in the store, and a daemon on the same store settles it.
 START_SETTLE_S = 60.0
-# A command gives up when App Store Connect has not answered for DEADLINE_TIMEOUTS x api.timeout
-# + DEADLINE_SLACK_S (exit 69), and says what it waits for after NOTICE_AFTER_S.
-DEADLINE_TIMEOUTS = 2
-DEADLINE_SLACK_S = 5.0
-NOTICE_AFTER_S = 3.0
-_TICK_S = 0.2
 
 
 def plural(count: int, noun: str, many: str | None = None) -> str:
     """ "1 job", "2 jobs", "0 watches" (with many="watches")."""
     return f"{count} {noun if count == 1 else many or noun + 's'}"
-
-
-# -- the deadline -------------------------------------------------------------------------------
-
-
-class Deadline:
-    """How long a command waits for App Store Connect without an answer.
-
-    Each request has its own timeout (api.timeout), but retries and backoff multiply it: an
-    endpoint that accepts connections and never answers held a command for minutes. Under
-    `guard`, `limit` seconds without any answer (an error status counts as one) end the
-    command with ApiUnavailable (exit 69), and after `notice_after` seconds one line on
-    `notice` says what it is waiting for. Following a build is not guarded: it may take up to
-    polling.give_up_after. Waits the command chooses itself go under `paused`.
-    """
-
-    def __init__(
-        self,
-        base_url: str,
-        limit: float,
-        *,
-        notice: TextIO | None = None,
-        notice_after: float = NOTICE_AFTER_S,
-    ) -> None:
-        self.base_url = base_url
-        self.limit = limit
-        self.notice_after = notice_after
-        self._notice = notice
-        # Said with the error when the deadline ends the command (e.g. a start's outcome).
-        self.hint: str | None = None
-        self._paused = 0
-
-    @classmethod
-    def of(cls, config: Config, notice: TextIO | None) -> Deadline:
-        limit = DEADLINE_TIMEOUTS * config.api.timeout + DEADLINE_SLACK_S
-        return cls(config.api.base_url, limit, notice=notice)
-
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        """A wait of the command's own choosing (not App Store Connect's silence)."""
-        self._paused += 1
-        try:
-            yield
-        finally:
-            self._paused -= 1
-
-    def _message(self) -> str:
-        text = (
-            f"App Store Connect ({self.base_url}) did not answer for"
-            f" {format_duration(round(self.limit))}: check api.base_url, the network and any"
-            " proxy, or raise api.timeout"
-        )
-        return f"{text}; {self.hint}" if self.hint else text
-
-    @contextlib.asynccontextmanager
-    async def guard(self, rt: Runtime) -> AsyncIterator[None]:
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(None) as timer:
-                watcher = asyncio.create_task(self._watch(rt, timer, loop))
-                try:
-                    yield
-                finally:
-                    # Not awaited: a cancellation of this task (a signal) must not be taken
-                    # for the watcher's own.
-                    watcher.cancel()
-        except TimeoutError:
-            if not timer.expired():
-                raise
-            raise ApiUnavailable(self._message()) from None
-
-    async def _watch(
-        self, rt: Runtime, timer: asyncio.Timeout, loop: asyncio.AbstractEventLoop
-    ) -> None:
-        seen, since, noticed = _answers(rt), loop.time(), False
-        while True:
-            await asyncio.sleep(_TICK_S)
-            now, answers = loop.time(), _answers(rt)
-            if answers != seen or self._paused:
-                seen, since, noticed = answers, now, False
-                continue
-            if not noticed and now - since >= self.notice_after and self._notice is not None:
-                noticed = True
-                line = f"xcloudd: waiting for App Store Connect ({self.base_url}) ...\n"
-                self._notice.write(line)
-                self._notice.flush()
-            if now - since >= self.limit:
-                timer.reschedule(now)
-                return
-
-
-def _answers(rt: Runtime) -> int:
-    """How many answers (of any status) the client has had."""
-    return sum(n for (_, status), n in rt.client.outcomes.items() if status != "error")
-
-
-@contextlib.asynccontextmanager
-async def _guarded(rt: Runtime, deadline: Deadline | None) -> AsyncIterator[None]:
-    if deadline is None:
-        yield
-        return
-    async with deadline.guard(rt):
-        yield
-
-
-def _paused(deadline: Deadline | None) -> contextlib.AbstractContextManager[None]:
-    return deadline.paused() if deadline is not None else contextlib.nullcontext()
-
-
-# -- names people write -> what App Store Connect wants -----------------------------------------
-
-SourceKind = Literal["branch", "tag", "pull_request", "rebuild", "default"]
-# The command-line option for each key a target may come from.
-_OPTIONS = {
-    "workflow": "--workflow",
-    "product": "--product",
-    "branch": "--branch",
-    "tag": "--tag",
-    "pull_request": "--pull-request",
-    "rebuild": "--rebuild",
-}
-
-
-@dataclass(frozen=True)
-class Origin:
-    """Where a target came from, so that a name or id that matches nothing is reported there:
-    an option on the command line (exit 64) or a key of the config (exit 78). The same mistake
-    in a job gets the same message and code from `check --online` and from `start JOB`."""
-
-    config_path: Path | None = None
-    table: str = ""  # "jobs[0]", "watches[1]"
-
-    @classmethod
-    def of(cls, config: Config, target: Target) -> Origin:
-        if target.job is None:
-            return cls()
-        index = next((i for i, j in enumerate(config.jobs) if j.name == target.job), None)
-        return cls(config.path, f"jobs[{index}]" if index is not None else "jobs")
-
-    def mistake(self, key: str, value: str, reason: str) -> XcloudError:
-        # The value, unless the reason names it already.
-        named = re.search(rf"(?<![\w.-]){re.escape(value)}(?![\w.-])", reason)
-        shown = "" if named else f" {value!r}"
-        if self.config_path is None:
-            return ResolveError(f"{_OPTIONS[key]}{shown}: {reason}")
-        return ConfigError.at(str(self.config_path), f"{self.table}.{key}{shown}", reason)
-
-
-@dataclass(frozen=True)
-class Resolved:
-    """A target as App Store Connect knows it (the request), with the names people know it by."""
-
-    request: StartRequest
-    workflow: Workflow
-    product: Product | None
-    source_kind: SourceKind
-    source_name: str | None = None  # the branch or tag, "#12" for a pull request or a run
-    source_id: str | None = None
-
-    def source(self) -> str:
-        match self.source_kind:
-            case "branch" | "tag":
-                return f"{self.source_kind} {self.source_name}"
-            case "pull_request":
-                return f"pull request {self.source_name}"
-            case "rebuild":
-                return f"a rebuild of run {self.source_name}"
-        return "the workflow's default branch"
-
-    def describe(self) -> str:
-        """ "workflow "CI" of Acme Shop, branch main"."""
-        product = f" of {self.product.name or self.product.id}" if self.product else ""
-        return f"workflow {_quoted(self.workflow.name)}{product}, {self.source()}"
-
-    def as_json(self) -> dict[str, Any]:
-        product = None
-        if self.product is not None:
-            product = {"id": self.product.id, "name": self.product.name or None}
-        return {
-            "workflow": {"id": self.workflow.id, "name": self.workflow.name or None},
-            "product": product,
-            "source": {
-                "kind": self.source_kind,
-                "name": self.source_name,
-                "id": self.source_id,
-            },
-        }
-
-
-def _quoted(name: str) -> str:
-    return '"' + name.replace('"', '\\"') + '"'
-
-
-def _id_problem(value: str) -> str | None:
-    """Why `value` cannot be an App Store Connect id in a URL path, if it cannot."""
-    if not value.strip():
-        return "is empty"
-    if value in (".", "..") or any(c in value for c in "/?#%\\") or any(c.isspace() for c in value):
-        return "is not an id"
-    return None
-
-
-def check_run_id(run_id: str) -> None:
-    """A RUN_ID from the command line that could not be one: a usage error before any request."""
-    if (problem := _id_problem(run_id)) is not None:
-        raise UsageError(f"RUN_ID {run_id!r} {problem} (`xcloudd status` lists recent runs)")
-
-
-def check_target(target: Target) -> None:
-    """What can be told wrong about a command-line target without asking App Store Connect."""
-    if not UUID_RE.match(target.workflow) and target.product is None:
-        raise UsageError(
-            f"--workflow {target.workflow!r} is a name, not an id: give --product too, or the"
-            " workflow's id (`xcloudd workflows` lists them)"
-        )
-    for key in ("pull_request", "rebuild"):
-        value = getattr(target, key)
-        if value is not None and (problem := _id_problem(value)) is not None:
-            raise UsageError(f"{_OPTIONS[key]} {value!r} {problem}")
-
-
-async def resolve_named(rt: Runtime, target: Target, origin: Origin) -> Resolved:
-    """Resolve `target` like the starter does, keeping the names; a name or id that matches
-    nothing is the user's mistake, reported where it came from (see Origin)."""
-    resolver = rt.resolver
-    product: Product | None = None
-    if target.product is not None:
-        try:
-            product = await resolver.product(target.product)
-        except ResolveError as exc:
-            raise origin.mistake("product", target.product, str(exc)) from None
-    try:
-        workflow = await resolver.workflow(target.workflow, target.product)
-    except ResolveError as exc:
-        raise origin.mistake("workflow", target.workflow, str(exc)) from None
-    if product is not None and workflow.product_id not in (None, product.id):
-        raise origin.mistake(
-            "workflow",
-            target.workflow,
-            f"workflow {_quoted(workflow.name)} is not in product {_quoted(product.name)}",
-        )
-    if product is None and workflow.product_id is not None:
-        product = await _product_by_id(resolver, workflow.product_id)
-    kind: SourceKind = "default"
-    name = ident = ref_id = pr_id = None
-    if target.branch is not None or target.tag is not None:
-        ref_kind: RefKind
-        if target.branch is not None:
-            kind, wanted, ref_kind = "branch", target.branch, "BRANCH"
-        else:
-            kind, wanted, ref_kind = "tag", target.tag or "", "TAG"
-        try:
-            ref = await resolver.git_reference(workflow.id, wanted, ref_kind)
-        except ResolveError as exc:
-            raise origin.mistake(kind, wanted, str(exc)) from None
-        name, ident = ref.name or wanted, ref.id
-        ref_id = ref.id
-    elif target.pull_request is not None:
-        kind = "pull_request"
-        pr_id, name = await _pull_request(rt, workflow, target.pull_request, origin)
-        ident = pr_id
-    elif target.rebuild is not None:
-        kind = "rebuild"
-        name = await _rebuilt_run(rt, workflow, target.rebuild, origin)
-        ident = target.rebuild
-    request = StartRequest(
-        workflow_id=workflow.id,
-        git_reference_id=ref_id,
-        pull_request_id=pr_id,
-        rebuild_of=target.rebuild,
-        clean=target.clean,
-        workflow_name=workflow.name or None,
-    )
-    return Resolved(request, workflow, product, kind, name, ident)
-
-
-async def _product_by_id(resolver: Resolver, product_id: str) -> Product:
-    """The product, named for people (its id alone if the list does not have it)."""
-    products = await resolver.products()
-    return next((p for p in products if p.id == product_id), Product(product_id, ""))
-
-
-async def _pull_request(
-    rt: Runtime, workflow: Workflow, given: str, origin: Origin
-) -> tuple[str, str]:
-    """(id, "#number") of a pull request given by number or by id."""
-    try:
-        pr_id = await rt.resolver.pull_request(workflow.id, given)
-    except ResolveError as exc:
-        raise origin.mistake("pull_request", given, str(exc)) from None
-    if pr_id != given:
-        return pr_id, f"#{given}"
-    if (problem := _id_problem(given)) is not None:
-        raise origin.mistake("pull_request", given, problem)
-    try:
-        doc = await rt.client.get(
-            f"/v1/scmPullRequests/{quote(given, safe='')}", {"fields[scmPullRequests]": "number"}
-        )
-    except NotFound:
-        raise origin.mistake(
-            "pull_request", given, "no pull request with this id is visible to this key"
-        ) from None
-    data = doc.get("data")
-    attrs = data.get("attributes") if isinstance(data, dict) else None
-    number = attrs.get("number") if isinstance(attrs, dict) else None
-    shown = f"#{number}" if isinstance(number, int) and not isinstance(number, bool) else given
-    return given, shown
-
-
-async def _rebuilt_run(rt: Runtime, workflow: Workflow, run_id: str, origin: Origin) -> str:
-    """ "#12" for the run to build again, which must be one of the workflow's."""
-    if (problem := _id_problem(run_id)) is not None:
-        raise origin.mistake("rebuild", run_id, problem)
-    try:
-        doc = await rt.client.get(
-            f"/v1/ciBuildRuns/{quote(run_id, safe='')}", {"fields[ciBuildRuns]": RUN_FIELDS}
-        )
-    except NotFound:
-        raise origin.mistake(
-            "rebuild", run_id, "no build run with this id is visible to this key"
-        ) from None
-    data = doc.get("data")
-    run = BuildRun.parse(data)
-    shown = f"#{run.number}" if run.number is not None else run.id
-    if run.workflow_id is not None and run.workflow_id != workflow.id:
-        raise origin.mistake(
-            "rebuild",
-            run_id,
-            f"run {shown} is not a run of workflow {_quoted(workflow.name)}; give that"
-            " workflow's --workflow",
-        )
-    return shown
 
 
 # -- start, watch, follow --------------------------------------------------------------------------
@@ -435,7 +102,7 @@ async def start(
 
     `deadline` bounds the start (not the following) when App Store Connect stops answering.
     """
-    async with _guarded(rt, deadline):
+    async with guarded(rt, deadline):
         run_id = await _start(rt, target, deadline)
     if not wait:
         return ExitCode.OK
@@ -469,7 +136,7 @@ async def _start(rt: Runtime, target: Target, deadline: Deadline | None) -> str:
                 f" {format_duration(START_SETTLE_S)}: {_unsettled(rt)}"
             )
         if intent.next_try > rt.clock.time():
-            with _paused(deadline):
+            with paused(deadline):
                 await rt.clock.sleep(intent.next_try - rt.clock.time())
             continue
         if deadline is not None:
@@ -481,7 +148,7 @@ async def _start(rt: Runtime, target: Target, deadline: Deadline | None) -> str:
 async def watch(rt: Runtime, run_id: str, *, deadline: Deadline | None = None) -> ExitCode:
     """Follow a run started elsewhere; `deadline` bounds finding it, not following it."""
     check_run_id(run_id)
-    async with _guarded(rt, deadline):
+    async with guarded(rt, deadline):
         run = await _find_run(rt, run_id)
     return await follow(rt, run.id)
 
@@ -524,7 +191,7 @@ async def _find_run(rt: Runtime, run_id: str) -> BuildRun:
 async def workflows(
     rt: Runtime, out: TextIO, *, as_json: bool, deadline: Deadline | None = None
 ) -> ExitCode:
-    async with _guarded(rt, deadline):
+    async with guarded(rt, deadline):
         listing = await _listing(rt.resolver)
     if as_json:
         out.write(dumps({"products": listing}))
@@ -688,7 +355,7 @@ async def check_online(
     A name that matches nothing is a config error naming the job's key (as `start JOB` says).
     """
     config = rt.config
-    async with _guarded(rt, deadline):
+    async with guarded(rt, deadline):
         await rt.client.get("/v1/ciProducts", {"limit": "1", "fields[ciProducts]": "name"})
         if not as_json:
             out.write(f"authenticated as key {config.api.key.key_id}\n")
@@ -712,10 +379,10 @@ async def check_online(
                 raise origin.mistake("workflow", w.workflow, str(exc)) from None
             product = None
             if flow.product_id is not None:
-                product = await _product_by_id(rt.resolver, flow.product_id)
+                product = await product_by_id(rt.resolver, flow.product_id)
             of = f" of {product.name or product.id}" if product else ""
             if not as_json:
-                out.write(f"watch: workflow {_quoted(flow.name)}{of}\n")
+                out.write(f"watch: workflow {quoted(flow.name)}{of}\n")
             watched.append(
                 {
                     "workflow": {"id": flow.id, "name": flow.name or None},

@@ -102,7 +102,6 @@ class Daemon:
         self._discovery = Discovery(rt.store, rt.client, rt.clock)
         self._watches = {w.key: w for w in (_Watch(i, c) for i, c in enumerate(config.watches))}
         self._rng = random.Random()
-        self._reloads = 0
         self._reload_wanted = asyncio.Event()
 
     def stop(self) -> None:
@@ -270,7 +269,6 @@ class Daemon:
                 rt.emitter.emit("daemon.reload_failed", error=describe(exc))
                 return
             await self._apply(changes, watches)
-            self._reloads += 1
             rt.emitter.emit(
                 "daemon.reloaded", version=__version__, jobs=len(self._jobs), **changes.fields()
             )
