@@ -175,3 +175,17 @@ async def test_build_events_name_the_workflow_product_branch_and_the_result_befo
         assert e["git_ref"] == "main"
         assert e["git_ref_kind"] == "BRANCH"
         assert datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")).tzinfo == UTC
+
+
+async def test_an_api_that_refuses_include_still_gets_its_runs_followed(world: World) -> None:
+    # A stand-in that does not know `include` answers 400: the names are left out, the run is
+    # followed to its end all the same.
+    world.sim.sim.faults.add(
+        Fault(method="GET", path=r"/v1/ciBuildRuns/[^/]+", status=400, times=1)
+    )
+    config = world.configure(job("hourly", every="1h"))
+    await world.run(config, later(hours=1, minutes=1))
+    assert world.events("build.watch_ended") == []
+    (done,) = world.events("build.completed")
+    assert done["completion_status"] == "SUCCEEDED"
+    assert "workflow_name" not in done

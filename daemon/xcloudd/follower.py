@@ -87,6 +87,7 @@ class Follower:
         self._rescan = 0.0
         self._new_runs = asyncio.Event()
         self._heartbeats = heartbeats or Heartbeats(clock)
+        self._with_context = True
         # Set once the store's unfinished runs are taken up (start-up: "runs resumed").
         self.resumed = asyncio.Event()
         store.on_written(self._on_written)
@@ -250,9 +251,20 @@ class Follower:
 
     async def _poll_once(self, tracked: _Tracked) -> bool:
         run_id = tracked.ref.build_run_id
-        doc = await self._client.get(
-            f"/v1/ciBuildRuns/{run_id}", {"fields[ciBuildRuns]": RUN_FIELDS, **RUN_CONTEXT}
-        )
+        path = f"/v1/ciBuildRuns/{run_id}"
+        if self._with_context:
+            try:
+                doc = await self._client.get(
+                    path, {"fields[ciBuildRuns]": RUN_FIELDS, **RUN_CONTEXT}
+                )
+            except ApiError as exc:
+                if exc.status != 400:
+                    raise
+                # The names are a nicety: an API that refuses `include` still gets followed.
+                self._with_context = False
+                doc = await self._client.get(path, {"fields[ciBuildRuns]": RUN_FIELDS})
+        else:
+            doc = await self._client.get(path, {"fields[ciBuildRuns]": RUN_FIELDS})
         data = doc.get("data")
         if not isinstance(data, dict):
             raise BadResponse(f"App Store Connect sent no build run for {run_id}")
