@@ -292,6 +292,35 @@ async def test_tag_resolves_and_builds_that_tag(
     assert [r.source_ref_id for r in sim.sim.runs.all()] == [req.git_reference_id]
 
 
+async def test_lookups_are_kept_for_a_while_and_a_miss_is_checked_again(
+    sim: RunningSimulator, tmp_path: Path, fake_clock: FakeClock
+) -> None:
+    """A daemon runs for months: names are not resolved once for ever, and a tag pushed after
+    a failed lookup is found half a minute later, without a request per attempt meanwhile."""
+
+    def listings() -> int:
+        return len([e for e in sim.sim.traffic.entries if e.path.endswith("/gitReferences")])
+
+    target = Target(workflow=wf_id(sim, "CI"), branch="main")
+    async with runtime(sim, tmp_path, fake_clock) as (rt, _events):
+        await resolve_target(rt.resolver, target)
+        pages = listings()
+        await resolve_target(rt.resolver, target)
+        assert listings() == pages, "kept: no second listing"
+        missing = Target(workflow=wf_id(sim, "CI"), tag="v9.9.9")
+        for _ in range(3):
+            with pytest.raises(ResolveError):
+                await resolve_target(rt.resolver, missing)
+        assert listings() == pages, "a miss right after a listing asks nothing more"
+        fake_clock.advance(31)
+        with pytest.raises(ResolveError):
+            await resolve_target(rt.resolver, missing)
+        assert listings() == 2 * pages, "a miss on an older listing looks again"
+        fake_clock.advance(601)
+        await resolve_target(rt.resolver, target)
+        assert listings() == 3 * pages, "after ten minutes, a hit looks again too"
+
+
 # -- a POST whose outcome is unknown --------------------------------------------------------------
 
 

@@ -331,3 +331,26 @@ async def test_status_and_restart_with_a_run_in_flight(
         (run.id, "SUCCEEDED")
     ]
     assert_each_run_once(world)
+
+
+async def test_jobs_that_fire_together_share_their_lookups(world: World) -> None:
+    config = world.configure(job("a", every="1h") + job("b", every="1h") + job("c", every="1h"))
+    await world.run(config, T0 + timedelta(hours=1, seconds=30))
+    assert len(world.runs("CI")) == 3
+
+    def lookups(path: str) -> int:
+        return sum(
+            1
+            for e in world.sim.sim.traffic.entries
+            if e.method == "GET" and e.path == path and e.query.get("limit") != "1"
+        )
+
+    product = world.sim.sim.scenario.products[0].id
+    workflow = world.workflow_id("CI")
+    # One request each for what the three starts need, not one per start.
+    assert lookups("/v1/ciProducts") == 1
+    assert lookups(f"/v1/ciProducts/{product}/workflows") == 1
+    assert lookups(f"/v1/ciWorkflows/{workflow}/repository") == 1
+    # The repository's references: one listing (two pages of 200), shared by all three.
+    refs = [e for e in world.sim.sim.traffic.entries if e.path.endswith("/gitReferences")]
+    assert len(refs) == 2

@@ -274,8 +274,8 @@ def _start_target(args: argparse.Namespace) -> Target | None:
     """The target the options describe, or None for a JOB (which needs the config). Mistakes
     in the arguments are found here, before the config is read: they are usage errors (64)
     even when the config is broken too."""
-    from xcloudd.targets import check_target
     from xcloudd.starter import Target
+    from xcloudd.targets import check_target
 
     if args.job and args.workflow:
         raise UsageError("give either a JOB or --workflow, not both")

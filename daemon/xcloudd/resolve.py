@@ -1,17 +1,19 @@
 """Names people write in configs -> the ids App Store Connect wants.
 
-Lookups are cached for the life of the Resolver: workflows, repositories and git references
-change rarely, and every lookup spends the key's request budget.
+Lookups are kept for a while (workflows, repositories and git references change rarely, and
+every lookup spends the key's request budget), but not for ever: a daemon runs for months.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Generic, Literal, TypeVar
 
 from xcloudd.api import JSON, AscClient, BadResponse, NotFound
+from xcloudd.clock import Clock, SystemClock
 from xcloudd.errors import ExitCode, XcloudError
 from xcloudd.resources import Named, related_id
 
@@ -19,6 +21,9 @@ UUID_RE = re.compile(
     r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 )
 RefKind = Literal["BRANCH", "TAG"]
+T = TypeVar("T")
+LOOKUP_TTL_S = 600.0
+MISS_RECHECK_S = 30.0
 _PREFIX: dict[RefKind, str] = {"BRANCH": "refs/heads/", "TAG": "refs/tags/"}
 
 
@@ -48,36 +53,77 @@ def _workflow(item: Named, product_id: str | None) -> Workflow:
     return Workflow(item.id, item.name, enabled if isinstance(enabled, bool) else None, product_id)
 
 
-class Resolver:
-    def __init__(self, client: AscClient) -> None:
-        self._client = client
-        self._products: list[Product] | None = None
-        self._workflows: dict[str, list[Workflow]] = {}
-        self._repositories: dict[str, str] = {}
-        self._refs: dict[str, list[Named]] = {}
+class _Lookups(Generic[T]):
+    """Answers kept for `ttl` seconds; lookups of one key at the same time share one request
+    (jobs that fire at the same instant need the same names)."""
 
-    async def products(self) -> list[Product]:
-        if self._products is None:
+    def __init__(self, clock: Clock, ttl: float) -> None:
+        self._clock = clock
+        self._ttl = ttl
+        self._entries: dict[str, tuple[float, asyncio.Future[T]]] = {}
+
+    async def get(
+        self, key: str, load: Callable[[], Awaitable[T]], *, max_age: float | None = None
+    ) -> T:
+        now = self._clock.monotonic()
+        limit = self._ttl if max_age is None else min(self._ttl, max_age)
+        entry = self._entries.get(key)
+        if entry is None or (entry[1].done() and now - entry[0] > limit):
+            fut = asyncio.ensure_future(load())
+            # Read by the waiters; this keeps a failure nobody awaits any more from being
+            # reported as a stray exception.
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+            entry = self._entries[key] = (now, fut)
+        try:
+            return await asyncio.shield(entry[1])
+        except Exception:
+            if self._entries.get(key) is entry:
+                del self._entries[key]  # a failed lookup is not kept
+            raise
+
+    def age(self, key: str) -> float | None:
+        entry = self._entries.get(key)
+        return None if entry is None else self._clock.monotonic() - entry[0]
+
+
+class Resolver:
+    """Lookups are kept for LOOKUP_TTL_S; a name that matches nothing is looked up again once
+    the answer is older than MISS_RECHECK_S (a tag pushed a minute ago is found)."""
+
+    def __init__(self, client: AscClient, clock: Clock | None = None) -> None:
+        self._client = client
+        clock = clock or SystemClock()
+        self._products: _Lookups[list[Product]] = _Lookups(clock, LOOKUP_TTL_S)
+        self._workflows: _Lookups[list[Workflow]] = _Lookups(clock, LOOKUP_TTL_S)
+        self._by_id: _Lookups[Workflow] = _Lookups(clock, LOOKUP_TTL_S)
+        self._repositories: _Lookups[str] = _Lookups(clock, LOOKUP_TTL_S)
+        self._refs: _Lookups[list[Named]] = _Lookups(clock, LOOKUP_TTL_S)
+
+    async def products(self, max_age: float | None = None) -> list[Product]:
+        async def load() -> list[Product]:
             items = self._client.paginate(
                 "/v1/ciProducts", {"limit": "200", "fields[ciProducts]": "name,productType"}
             )
-            self._products = [Product(p.id, p.name) async for p in _named(items, "ciProducts")]
-        return self._products
+            return [Product(p.id, p.name) async for p in _named(items, "ciProducts")]
 
-    async def workflows_of(self, product: Product) -> list[Workflow]:
-        if product.id not in self._workflows:
+        return await self._products.get("", load, max_age=max_age)
+
+    async def workflows_of(self, product: Product, max_age: float | None = None) -> list[Workflow]:
+        async def load() -> list[Workflow]:
             items = self._client.paginate(
                 f"/v1/ciProducts/{product.id}/workflows",
                 {"limit": "200", "fields[ciWorkflows]": "name,isEnabled"},
             )
-            self._workflows[product.id] = [
-                _workflow(w, product.id) async for w in _named(items, "ciWorkflows")
-            ]
-        return self._workflows[product.id]
+            return [_workflow(w, product.id) async for w in _named(items, "ciWorkflows")]
+
+        return await self._workflows.get(product.id, load, max_age=max_age)
 
     async def product(self, ident: str) -> Product:
         products = await self.products()
         matches = [p for p in products if ident in (p.id, p.name)]
+        if not matches and (self._products.age("") or 0.0) > MISS_RECHECK_S:
+            products = await self.products(max_age=MISS_RECHECK_S)
+            matches = [p for p in products if ident in (p.id, p.name)]
         if len(matches) == 1:
             return matches[0]
         if not matches:
@@ -93,19 +139,7 @@ class Resolver:
     async def workflow(self, ident: str, product: str | None = None) -> Workflow:
         """A workflow by id, or by name within a product."""
         if UUID_RE.match(ident):
-            try:
-                doc = await self._client.get(
-                    f"/v1/ciWorkflows/{ident}", {"fields[ciWorkflows]": "name,isEnabled,product"}
-                )
-            except NotFound:
-                raise ResolveError(
-                    f"no workflow with id {ident} is visible to this key"
-                    " (`xcloudd workflows` lists them)"
-                ) from None
-            data = doc.get("data")
-            if not isinstance(data, dict):
-                raise BadResponse(f"App Store Connect sent no data for workflow {ident}")
-            return _workflow(Named.parse(data, "ciWorkflows"), related_id(data, "product"))
+            return await self._by_id.get(ident, lambda: self._workflow_by_id(ident))
         if product is None:
             raise ResolveError(
                 f"workflow {ident!r} is not an id: give its product too, or use its id"
@@ -114,6 +148,9 @@ class Resolver:
         prod = await self.product(product)
         workflows = await self.workflows_of(prod)
         matches = [w for w in workflows if w.name == ident]
+        if not matches and (self._workflows.age(prod.id) or 0.0) > MISS_RECHECK_S:
+            workflows = await self.workflows_of(prod, max_age=MISS_RECHECK_S)
+            matches = [w for w in workflows if w.name == ident]
         if len(matches) == 1:
             return matches[0]
         if not matches:
@@ -127,8 +164,23 @@ class Resolver:
             f" give the id of one ({ids})"
         )
 
+    async def _workflow_by_id(self, ident: str) -> Workflow:
+        try:
+            doc = await self._client.get(
+                f"/v1/ciWorkflows/{ident}", {"fields[ciWorkflows]": "name,isEnabled,product"}
+            )
+        except NotFound:
+            raise ResolveError(
+                f"no workflow with id {ident} is visible to this key"
+                " (`xcloudd workflows` lists them)"
+            ) from None
+        data = doc.get("data")
+        if not isinstance(data, dict):
+            raise BadResponse(f"App Store Connect sent no data for workflow {ident}")
+        return _workflow(Named.parse(data, "ciWorkflows"), related_id(data, "product"))
+
     async def repository_of(self, workflow_id: str) -> str:
-        if workflow_id not in self._repositories:
+        async def load() -> str:
             doc = await self._client.get(
                 f"/v1/ciWorkflows/{workflow_id}/repository",
                 {"fields[scmRepositories]": "repositoryName"},
@@ -136,31 +188,44 @@ class Resolver:
             data = doc.get("data")
             if not isinstance(data, dict) or not isinstance(data.get("id"), str):
                 raise ResolveError("the workflow has no repository")
-            self._repositories[workflow_id] = data["id"]
-        return self._repositories[workflow_id]
+            return str(data["id"])
 
-    async def git_reference(self, workflow_id: str, name: str, kind: RefKind) -> Named:
-        """The one live branch or tag called `name` (or its canonical refs/... form)."""
-        repo = await self.repository_of(workflow_id)
-        if repo not in self._refs:
+        return await self._repositories.get(workflow_id, load)
+
+    async def _references(self, repo: str, max_age: float | None = None) -> list[Named]:
+        async def load() -> list[Named]:
             items = self._client.paginate(
                 f"/v1/scmRepositories/{repo}/gitReferences",
                 {"limit": "200", "fields[scmGitReferences]": "name,canonicalName,isDeleted,kind"},
             )
-            self._refs[repo] = [r async for r in _named(items, "scmGitReferences")]
+            return [r async for r in _named(items, "scmGitReferences")]
+
+        return await self._refs.get(repo, load, max_age=max_age)
+
+    async def git_reference(self, workflow_id: str, name: str, kind: RefKind) -> Named:
+        """The one live branch or tag called `name` (or its canonical refs/... form)."""
+        repo = await self.repository_of(workflow_id)
         canonical = name if name.startswith("refs/") else _PREFIX[kind] + name
-        matches = [
-            r
-            for r in self._refs[repo]
-            if r.attributes.get("kind") == kind
-            and not r.attributes.get("isDeleted")
-            and (r.name == name or r.attributes.get("canonicalName") == canonical)
-        ]
+
+        def matching(refs: list[Named]) -> list[Named]:
+            return [
+                r
+                for r in refs
+                if r.attributes.get("kind") == kind
+                and not r.attributes.get("isDeleted")
+                and (r.name == name or r.attributes.get("canonicalName") == canonical)
+            ]
+
+        refs = await self._references(repo)
+        matches = matching(refs)
+        if not matches and (self._refs.age(repo) or 0.0) > MISS_RECHECK_S:
+            refs = await self._references(repo, max_age=MISS_RECHECK_S)
+            matches = matching(refs)
         what = "branch" if kind == "BRANCH" else "tag"
         if len(matches) == 1:
             return matches[0]
         if not matches:
-            searched = len(self._refs[repo])
+            searched = len(refs)
             raise ResolveError(
                 f"the workflow's repository has no {what} {name!r}"
                 f" ({searched} {'reference' if searched == 1 else 'references'} searched,"

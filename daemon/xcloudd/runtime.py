@@ -288,7 +288,7 @@ async def open_runtime(
                 emitter,
                 store,
                 client,
-                Resolver(client),
+                Resolver(client, clock),
                 supervisor,
                 owner,
                 session,
