@@ -905,9 +905,13 @@ async def test_workflows_lists_names_first_with_plurals(
     kit = scenario.workflow_named("Kit CI")
     lines = result.out.splitlines()
     assert f"Acme Shop: 7 workflows (product {legacy.product_id})" in lines
-    assert f"  Legacy      {legacy.id}  (disabled)" in lines
+    legacy_line = next(line for line in lines if line.startswith("  Legacy "))
+    assert legacy_line.startswith(f"  Legacy      {legacy.id}  (disabled)")
     assert f"Acme Kit: 1 workflow (product {kit.product_id})" in lines
-    assert f"  Kit CI  {kit.id}" in lines
+    assert any(line.startswith(f"  Kit CI  {kit.id}") for line in lines)
+    # Each workflow's description follows it: the simulator's says how its builds end.
+    ui = next(line for line in lines if line.startswith("  UI Tests "))
+    assert "always FAILED" in ui
 
 
 # -- an endpoint that never answers -------------------------------------------------------------

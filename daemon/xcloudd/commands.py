@@ -204,7 +204,8 @@ async def workflows(
         width = max((len(w["name"]) for w in flows), default=0)
         for w in flows:
             state = "  (disabled)" if w["enabled"] is False else ""
-            out.write(f"  {w['name']:<{width}}  {w['id']}{state}\n")
+            about = f"  {w['description']}" if w["description"] else ""
+            out.write(f"  {w['name']:<{width}}  {w['id']}{state}{about}\n")
     return ExitCode.OK
 
 
@@ -217,7 +218,12 @@ async def _listing(resolver: Resolver) -> list[dict[str, Any]]:
                 "id": product.id,
                 "name": product.name,
                 "workflows": [
-                    {"id": w.id, "name": w.name, "enabled": w.enabled}
+                    {
+                        "id": w.id,
+                        "name": w.name,
+                        "enabled": w.enabled,
+                        "description": w.description,
+                    }
                     for w in sorted(flows, key=lambda w: w.name)
                 ],
             }

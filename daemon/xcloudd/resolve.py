@@ -46,11 +46,19 @@ class Workflow:
     name: str
     enabled: bool | None
     product_id: str | None
+    description: str | None = None
 
 
 def _workflow(item: Named, product_id: str | None) -> Workflow:
     enabled = item.attributes.get("isEnabled")
-    return Workflow(item.id, item.name, enabled if isinstance(enabled, bool) else None, product_id)
+    description = item.attributes.get("description")
+    return Workflow(
+        item.id,
+        item.name,
+        enabled if isinstance(enabled, bool) else None,
+        product_id,
+        description.strip() or None if isinstance(description, str) else None,
+    )
 
 
 class _Lookups(Generic[T]):
@@ -112,7 +120,7 @@ class Resolver:
         async def load() -> list[Workflow]:
             items = self._client.paginate(
                 f"/v1/ciProducts/{product.id}/workflows",
-                {"limit": "200", "fields[ciWorkflows]": "name,isEnabled"},
+                {"limit": "200", "fields[ciWorkflows]": "name,description,isEnabled"},
             )
             return [_workflow(w, product.id) async for w in _named(items, "ciWorkflows")]
 
