@@ -209,3 +209,37 @@ def test_watchdog_pings_stop_when_a_loop_is_wedged(
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_second_daemon_on_the_same_state_store_is_refused(
+    simulator: tuple[str, Path], tmp_path: Path, notify_socket: NotifySocket
+) -> None:
+    _url, client_config = simulator
+    config = tmp_path / "config.toml"
+    write_config(config, client_config, tmp_path, JOB.format(name="ci", every="1h"))
+    first = run_daemon(config, notify_socket)
+    try:
+        notify_socket.wait_for("READY=1", 20)
+        second = subprocess.run(
+            [sys.executable, "-m", "xcloudd", "--config", str(config), "run"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert second.returncode == 78
+        lines = second.stderr.splitlines()
+        assert len(lines) == 1, second.stderr
+        assert f"another xcloudd daemon (pid {first.pid})" in lines[0]
+        assert first.poll() is None, "the first daemon runs on"
+    finally:
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=20) == 0
+    # Once it stopped cleanly, the next one starts.
+    notify_socket.got.clear()
+    again = run_daemon(config, notify_socket)
+    try:
+        notify_socket.wait_for("READY=1", 20)
+    finally:
+        again.send_signal(signal.SIGTERM)
+        assert again.wait(timeout=20) == 0

@@ -11,6 +11,7 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 from xcloudd import __version__
 from xcloudd.errors import ConfigError
@@ -90,13 +91,15 @@ def _ago(seconds: float) -> str:
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether an xcloudd process runs with this pid. A process that cannot be seen as one
+    (another user's, under ProtectProc=, or a pid taken by something else) counts as gone:
+    refusing to start on a guess would keep a restarted service down."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
         return False
-    except PermissionError:
-        return True  # it exists, as another user
-    return True
+    return b"xcloudd" in cmdline
 
 
 @dataclass
