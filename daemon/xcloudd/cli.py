@@ -184,11 +184,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _config(args: argparse.Namespace) -> Config:
     from xcloudd.config import load_config, resolve_config_path
-    from xcloudd.runtime import refuse_unsupported
 
-    config = load_config(resolve_config_path(args.config, os.environ))
-    refuse_unsupported(config)
-    return config
+    return load_config(resolve_config_path(args.config, os.environ))
 
 
 async def _with_runtime(

@@ -19,7 +19,6 @@ import ipaddress
 import math
 import os
 import re
-import shlex
 import stat
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
@@ -33,14 +32,12 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 import msgspec.inspect as mi
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives.asymmetric import dsa, ed448, ed25519, rsa, x448, x25519
-from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1, EllipticCurvePrivateKey
-from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
 
 from xcloudd.durations import format_duration, parse_duration
 from xcloudd.errors import ConfigError, looks_like_key_material
 from xcloudd.events import Level
+from xcloudd.keyfile import KEY_FILE_MAX, exposure, parse_private_key, pasted_key_kind
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -84,8 +81,6 @@ _RFC3339 = re.compile(
 # Tokens travel in the webhook URL path, so only characters that need no escaping there.
 _WEBHOOK_TOKEN = re.compile(r"[A-Za-z0-9._~-]+")
 _WEBHOOK_TOKEN_MIN = 16
-# A .p8 key is about 250 bytes; anything far larger is the wrong file.
-_KEY_FILE_MAX = 64 * 1024
 # No setting needs more, and the cap keeps every duration within datetime arithmetic (a jitter
 # of 10^15 seconds would overflow when the schedule adds it to a date).
 _MAX_DURATION = 36500 * 86400.0
@@ -1073,7 +1068,7 @@ def _reveal(ctx: _Context, key: str, value: str) -> Secret:
         )
         file = _credential_file(ctx, key, name, hint=hint)
         data = _read_file(ctx, key, file)
-        if len(data) > _KEY_FILE_MAX:
+        if len(data) > KEY_FILE_MAX:
             raise ctx.error(key, f"{file}: too large for a secret; is it the right file?")
         try:
             text = data.decode().strip()
@@ -1203,7 +1198,7 @@ def _load_signing_key(ctx: _Context, t: _ApiTable) -> SigningKey:
     ref = t.private_key
     # Someone pasting the key itself into the config must not get it echoed back in an error;
     # after this check every message below may quote `ref`.
-    pasted = _pasted_key_kind(ref)
+    pasted = pasted_key_kind(ref)
     if pasted:
         raise error(
             f"looks like key material pasted inline ({pasted}, not shown); put it in a file "
@@ -1241,9 +1236,9 @@ def _load_signing_key(ctx: _Context, t: _ApiTable) -> SigningKey:
         # Files in the credentials directory are exempt: systemd makes them, for the service
         # user only.
         if not ref.startswith("credential:"):
-            exposed = _exposure(file, mode)
+            exposed = exposure(file, mode)
 
-    result = _parse_private_key(data)
+    result = parse_private_key(data)
     if isinstance(result, str):
         raise error(f"{source}: {result}")
     if exposed:
@@ -1271,35 +1266,8 @@ def _credential_file(ctx: _Context, key: str, name: str, *, hint: str, shown: st
     return Path(directory) / name
 
 
-def _exposure(file: Path, mode: int) -> str | None:
-    """Why key `file` with permission bits `mode` is open to others than its owner, with the fix;
-    None when it is not. A key file must be its owner's alone."""
-    bits = mode & 0o077
-    if not bits:
-        return None
-    who = "others" if bits & 0o007 else "its group"
-    what = "readable" if bits & 0o044 else "writable" if bits & 0o022 else "accessible"
-    return (
-        f"{file}: {what} by {who} (mode {mode:04o}); run chmod 600 {shlex.quote(str(file))}, "
-        "or use credential:NAME with LoadCredential="
-    )
-
-
-def _pasted_key_kind(ref: str) -> str | None:
-    """What kind of key material `ref` looks like, when it is no path or reference."""
-    if "-----" in ref or "PRIVATE KEY" in ref:
-        return "PEM text"
-    if looks_like_key_material(ref):
-        return "base64 text"
-    if "\n" in ref:
-        return "text of several lines"
-    if len(ref) > 1024:
-        return "text far longer than a path"
-    return None
-
-
 def _read_file(ctx: _Context, key: str, file: Path) -> bytes:
-    """The start of a key or credential file: more than _KEY_FILE_MAX bytes is the wrong file."""
+    """The start of a key or credential file: more than KEY_FILE_MAX bytes is the wrong file."""
     return _read_file_and_mode(ctx, key, file)[0]
 
 
@@ -1308,7 +1276,7 @@ def _read_file_and_mode(ctx: _Context, key: str, file: Path) -> tuple[bytes, int
     `file` is a symlink or is replaced meanwhile)."""
     try:
         with file.open("rb") as fh:
-            return fh.read(_KEY_FILE_MAX + 1), stat.S_IMODE(os.fstat(fh.fileno()).st_mode)
+            return fh.read(KEY_FILE_MAX + 1), stat.S_IMODE(os.fstat(fh.fileno()).st_mode)
     except FileNotFoundError:
         reason = "no such file"
     except PermissionError:
@@ -1318,45 +1286,3 @@ def _read_file_and_mode(ctx: _Context, key: str, file: Path) -> tuple[bytes, int
     except OSError as err:
         reason = f"cannot read: {err.strerror or type(err).__name__}"
     raise ctx.error(key, f"{file}: {reason}")
-
-
-_KEY_KINDS: tuple[tuple[type, str], ...] = (
-    (rsa.RSAPrivateKey, "an RSA"),
-    (dsa.DSAPrivateKey, "a DSA"),
-    (ed25519.Ed25519PrivateKey, "an Ed25519"),
-    (ed448.Ed448PrivateKey, "an Ed448"),
-    (x25519.X25519PrivateKey, "an X25519"),
-    (x448.X448PrivateKey, "an X448"),
-)
-
-
-_ENCRYPTED = (
-    "the key is encrypted; use the unencrypted .p8 file as downloaded from App Store Connect"
-)
-
-
-def _parse_private_key(data: bytes) -> EllipticCurvePrivateKey | str:
-    """The key, or the reason it is unusable. Never includes any of `data` in the reason."""
-    wanted = "App Store Connect keys are EC P-256 (.p8 files from Users and Access > Integrations)"
-    if len(data) > _KEY_FILE_MAX:
-        return f"too large to be a .p8 key; {wanted}"
-    if b"-----BEGIN" not in data:
-        return f"not a PEM private key (no -----BEGIN line); {wanted}"
-    if b"ENCRYPTED" in data:
-        return _ENCRYPTED
-    if b"PUBLIC KEY-----" in data or b"CERTIFICATE-----" in data:
-        return f"holds a public key or certificate, not a private key; {wanted}"
-    try:
-        key = load_pem_private_key(data, password=None)
-    except TypeError:
-        return _ENCRYPTED
-    except (ValueError, UnsupportedAlgorithm):
-        # cryptography's own message is not passed on: it is not helpful and must not risk
-        # quoting key material.
-        return f"not a valid PEM private key (damaged or incomplete?); {wanted}"
-    if not isinstance(key, EllipticCurvePrivateKey):
-        kind = next((name for cls, name in _KEY_KINDS if isinstance(key, cls)), "a non-EC")
-        return f"is {kind} key; {wanted}"
-    if not isinstance(key.curve, SECP256R1):
-        return f"uses curve {key.curve.name}; {wanted}"
-    return key

@@ -38,7 +38,6 @@ from xcloudd.runtime import (
     Runtime,
     build_sinks,
     open_runtime,
-    refuse_unsupported,
     replace_sinks,
     sink_key,
 )
@@ -46,6 +45,7 @@ from xcloudd.scheduler import JobScheduler, job_schedule
 from xcloudd.starter import Starter
 from xcloudd.store import StoreUnwritable
 from xcloudd.supervisor import describe
+from xcloudd.webhooks import Hint, WebhookReceiver
 
 STOP_GRACE_S = 5.0
 PRUNE_EVERY_S = 300.0
@@ -56,9 +56,7 @@ RESUME_WAIT_S = 30.0
 
 def load_checked(path: Path) -> Config:
     """The config as `xcloudd run` accepts it (also what a reload reads)."""
-    config = load_config(path)
-    refuse_unsupported(config)
-    return config
+    return load_config(path)
 
 
 @dataclass
@@ -120,8 +118,12 @@ class Daemon:
         health = self.health
         health.started = self._rt.clock.time()
         health.jobs = len(self._jobs)
+        server = self._rt.config.server
+        receiver = None
+        if server is not None and server.webhook_token:
+            receiver = WebhookReceiver(server.webhook_token, self._hint)
         try:
-            listen = await health.serve()
+            listen = await health.serve(receiver)
             await self._preflight()
             self._start_loops()
             with contextlib.suppress(TimeoutError):
@@ -241,6 +243,23 @@ class Daemon:
             )
             # Housekeeping on real time: virtual-time tests need not step through it.
             await asyncio.sleep(PRUNE_EVERY_S)
+
+    # --- webhooks ---------------------------------------------------------------------------
+
+    def _hint(self, hint: Hint) -> None:
+        """A webhook says a run changed: look at it now. The payload proves nothing: a run
+        already followed is polled at once (one GET), and one not followed yet is looked for
+        only in a watched workflow, through the API; anything else changes nothing."""
+        if self.follower.poke(hint.run_id):
+            return
+        watched = {w.workflow.id: w for w in self._watches.values() if w.workflow is not None}
+        watch = watched.get(hint.workflow_id or "")
+        if watch is None or watch.workflow is None:
+            return
+        name = f"look {watch.key}"
+        if not self._rt.supervisor.running(name):
+            workflow_id = watch.workflow.id
+            self._rt.supervisor.spawn_once(name, lambda: self._discovery.look(workflow_id))
 
     # --- reload ---------------------------------------------------------------------------
 

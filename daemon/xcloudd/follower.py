@@ -49,6 +49,7 @@ class _Tracked:
     # The one heap entry that counts; older entries (e.g. before a poke) are skipped when popped.
     next_due: float = 0.0
     repoll: bool = False
+    poked: float = float("-inf")  # when a hint last brought its poll forward
 
 
 def _seconds(a: datetime | None, b: datetime | None) -> float | None:
@@ -98,10 +99,20 @@ class Follower:
             self._wake.set()
 
     def poke(self, build_run_id: str) -> bool:
-        """Look at this run now (a webhook hint); False if it is not being followed."""
-        if build_run_id not in self._runs:
+        """Look at this run now (a webhook hint); False if it is not being followed. Hints are
+        not trusted and a flood of them must not spend the key's request budget: a hint within
+        `min_interval` of the last one it brought forward moves the poll to the end of that
+        time, not sooner (so a build's COMPLETED right after its STARTED is still seen soon)."""
+        tracked = self._runs.get(build_run_id)
+        if tracked is None:
             return False
-        self._schedule(build_run_id, 0.0)
+        now = self._clock.monotonic()
+        if tracked.poked >= now:
+            return True  # a look brought forward by an earlier hint is still to come
+        at = max(now, tracked.poked + self._polling.min_interval)
+        if tracked.polling or at < tracked.next_due:
+            tracked.poked = at
+            self._schedule(build_run_id, at - now)
         return True
 
     def _schedule(self, run_id: str, delay: float, *, since: float | None = None) -> None:
@@ -215,8 +226,12 @@ class Follower:
             if ended:
                 self._runs.pop(run_id, None)
                 return
+            now = self._clock.monotonic()
             if tracked.repoll:
                 self._schedule(run_id, 0.0)
+            elif tracked.poked > now:
+                # A hint came during this poll: the look it planned stays (already queued).
+                tracked.next_due = tracked.poked
             else:
                 self._schedule(run_id, self._interval(tracked), since=began)
             tracked.repoll = False

@@ -20,6 +20,7 @@ from xcloudd.runtime import Runtime
 from xcloudd.server import CHECK_TIMEOUT_S, Probes, Server
 from xcloudd.store import DaemonBeat
 from xcloudd.supervisor import describe
+from xcloudd.webhooks import WebhookReceiver
 
 # The daemon writes its heartbeat this often (real time); `status` calls one older than
 # STALE_S not current.
@@ -175,7 +176,7 @@ class Health:
 
     # --- [server] -----------------------------------------------------------------------------
 
-    async def serve(self) -> str | None:
+    async def serve(self, webhooks: WebhookReceiver | None = None) -> str | None:
         """Start `[server]`: probes answer from the start (not ready until the loops run)."""
         rt = self.rt
         server = rt.config.server
@@ -186,6 +187,7 @@ class Health:
             server.port,
             rt.metrics,
             Probes(live=self.live, ready=self.readiness, refresh=self.refresh_metrics),
+            webhooks=webhooks,
         )
         try:
             return await self.server.start()

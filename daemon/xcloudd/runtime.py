@@ -64,16 +64,6 @@ class Runtime:
     metrics: Metrics | None = None
 
 
-def refuse_unsupported(config: Config) -> None:
-    """Parts of the config contract that this version parses but cannot act on yet."""
-    if config.server is not None and config.server.webhook_token is not None:
-        raise ConfigError.at(
-            str(config.path),
-            "server.webhook_token",
-            "the webhook receiver is not supported yet by this version; remove the key",
-        )
-
-
 def sink_key(sc: SinkConfig) -> str:
     """The sink's name: it keys the sink's cursor in the store, so it is stable for one
     destination and never shows a secret (Slack's webhook URL is one)."""

@@ -3,7 +3,9 @@
 - `/livez`: the event loop answers and none of the supervised loops has ended;
 - `/readyz`: the config is loaded, the state store answers, and App Store Connect answered the
   last request (no outage holds requests back);
-- `/metrics`: Prometheus text format (see metrics.py).
+- `/metrics`: Prometheus text format (see metrics.py);
+- `/webhooks/xcode-cloud/<token>`: Xcode Cloud's webhooks, when a receiver is given
+  (webhooks.py).
 
 Every check is cheap and local: a probe never spends the API key's request budget. Answers
 are small JSON objects, so a person with curl sees why a check fails.
@@ -19,6 +21,7 @@ import orjson
 from aiohttp import web
 
 from xcloudd.metrics import CONTENT_TYPE_LATEST, Metrics
+from xcloudd.webhooks import WebhookReceiver
 
 # A store that does not answer within this long counts as not ready (a stuck disk).
 CHECK_TIMEOUT_S = 2.0
@@ -36,11 +39,19 @@ class Probes:
 
 
 class Server:
-    def __init__(self, host: str, port: int, metrics: Metrics, probes: Probes) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        metrics: Metrics,
+        probes: Probes,
+        webhooks: WebhookReceiver | None = None,
+    ) -> None:
         self._host = host
         self._port = port
         self._metrics = metrics
         self._probes = probes
+        self._webhooks = webhooks
         self._runner: web.AppRunner | None = None
         self.address: str | None = None
 
@@ -50,6 +61,8 @@ class Server:
         app.router.add_get("/livez", self._livez)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics_page)
+        if self._webhooks is not None:
+            app.router.add_routes(self._webhooks.routes())
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
         site = web.TCPSite(runner, self._host, self._port)

@@ -31,6 +31,13 @@ Admin API (no auth; local tool, deliberately outside /v1):
   {"error": "bad fault rule: ..."}. GET lists the active rules with "remaining"; DELETE clears.
 - POST /_sim/seed {"seed": N}: restart the random sequence behind fault probabilities.
 - GET /_sim/traffic?since=N: requests and answers, with the fault (action and rule) applied.
+- POST /_sim/webhooks {"url", "delay_s"? (0), "loss"? (0..1, 0), "seed"? (the simulator's)}:
+  POST Xcode Cloud's webhook payloads (BUILD_CREATED, BUILD_STARTED, BUILD_COMPLETED) for
+  every run to `url`, `delay_s` of the simulator's clock after each transition, losing a
+  seeded fraction `loss`; it restarts with the records cleared. GET reports {"webhooks":
+  {"active", "target" (the URL's origin only), "delay_s", "loss", "seed", "pending", "sent":
+  [...], "lost": [...], "failed"}}, each record with event_type, run_id, workflow_id,
+  product_id, at, due, time (and status, error when sent). DELETE stops (see webhooks.py).
 """
 
 from xcloudd.simulator.apierror import ApiError

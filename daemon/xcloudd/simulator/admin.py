@@ -13,6 +13,7 @@ from aiohttp import web
 from xcloudd.simulator.answers import SIM_KEY, json_response
 from xcloudd.simulator.apierror import ApiError
 from xcloudd.simulator.faults import Fault
+from xcloudd.simulator.webhooks import WebhookSettings
 
 
 def _admin_error(message: str, status: int = 400) -> web.Response:
@@ -117,6 +118,23 @@ async def admin_info(request: web.Request) -> web.Response:
     )
 
 
+async def admin_webhooks(request: web.Request) -> web.Response:
+    """POST starts sending webhooks (records cleared), DELETE stops; all answer the report."""
+    sim = request.app[SIM_KEY]
+    if request.method == "POST":
+        try:
+            settings = WebhookSettings.from_dict(await _admin_json(request), sim.seed)
+        except ValueError as exc:
+            return _admin_error(f"bad webhook settings: {exc}")
+        await sim.webhooks.configure(settings)
+        return json_response({"webhooks": sim.webhooks.report()}, 201)
+    if request.method == "DELETE":
+        await sim.webhooks.stop()
+    elif request.method != "GET":
+        raise web.HTTPMethodNotAllowed(request.method, ["GET", "POST", "DELETE"])
+    return json_response({"webhooks": sim.webhooks.report()})
+
+
 def add_admin_routes(app: web.Application) -> None:
     app.router.add_get("/_sim/info", admin_info)
     app.router.add_get("/_sim/runs", admin_runs)
@@ -124,3 +142,4 @@ def add_admin_routes(app: web.Application) -> None:
     app.router.add_route("*", "/_sim/faults", admin_faults)
     app.router.add_post("/_sim/seed", admin_seed)
     app.router.add_get("/_sim/traffic", admin_traffic)
+    app.router.add_route("*", "/_sim/webhooks", admin_webhooks)

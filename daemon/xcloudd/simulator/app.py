@@ -238,4 +238,9 @@ def build_app(sim: Simulator) -> web.Application:
     add_routes(app)
     app.router.add_post("/v1/ciBuildRuns", create_build_run)
     add_admin_routes(app)
+
+    async def stop_webhooks(_app: web.Application) -> None:
+        await sim.webhooks.stop()
+
+    app.on_cleanup.append(stop_webhooks)
     return app

@@ -16,6 +16,7 @@ from xcloudd.simulator.ratelimit import RateLimiter
 from xcloudd.simulator.runs import START_REASONS, BuildRun, RunStore, fake_sha
 from xcloudd.simulator.scenario import COMPLETION_STATUSES, Scenario, default_scenario
 from xcloudd.simulator.traffic import TrafficLog
+from xcloudd.simulator.webhooks import WebhookSender
 
 _INVALID = "ENTITY_ERROR.RELATIONSHIP.INVALID"
 _INVALID_TITLE = "The provided entity includes a relationship with an invalid value"
@@ -48,6 +49,7 @@ class Simulator:
         self.faults = FaultRules(self.random)
         self.traffic = TrafficLog(traffic_limit)
         self.runs = RunStore()
+        self.webhooks = WebhookSender(self)  # idle until configured (POST /_sim/webhooks)
 
     def reseed(self, seed: int) -> None:
         """Restart the random sequence (fault probabilities) from `seed`."""
@@ -219,6 +221,7 @@ class Simulator:
             rebuild_of=rebuild_of,
         )
         self.runs.add(run)
+        self.webhooks.run_created(run)
         return run
 
     def start_run(
