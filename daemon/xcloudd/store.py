@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from xcloudd.errors import XcloudError
 from xcloudd.events import RESULTS, BuildRef, Event, EventFactory, occurrence_key, origin_of
@@ -635,16 +635,7 @@ class Store:
                 self.ev.make(
                     "build.requested",
                     subject=f"{intent_id}#{intent.posts + 1}",
-                    job=intent.job,
-                    workflow_id=target.workflow_id,
-                    context={"workflow_name": target.workflow_name}
-                    if target.workflow_name
-                    else None,
-                    git_reference_id=target.git_reference_id,
-                    pull_request_id=target.pull_request_id,
-                    rebuild_of=target.rebuild_of,
-                    clean=target.clean,
-                    origin=origin_of(intent.origin),
+                    **requested_fields(intent, target),
                 )
             )
             self._append(c, events)
@@ -1136,6 +1127,20 @@ class Store:
                 [self.ev.make("sink.dropped", sink=s, count=n) for s, n in dropped.items()],
             )
             return dropped
+
+
+def requested_fields(intent: Intent, target: StartRequest) -> dict[str, Any]:
+    """`build.requested`'s own fields; the workflow's name only when the start resolved it."""
+    fields: dict[str, Any] = {"job": intent.job, "workflow_id": target.workflow_id}
+    if target.workflow_name:
+        fields["workflow_name"] = target.workflow_name
+    return fields | {
+        "git_reference_id": target.git_reference_id,
+        "pull_request_id": target.pull_request_id,
+        "rebuild_of": target.rebuild_of,
+        "clean": target.clean,
+        "origin": origin_of(intent.origin),
+    }
 
 
 def _run(row: sqlite3.Row) -> RunRecord:
