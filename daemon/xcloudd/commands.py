@@ -12,6 +12,7 @@ import orjson
 
 from xcloudd.api import ApiUnavailable, BadResponse, NotFound
 from xcloudd.config import Config, JobConfig
+from xcloudd.console import plural
 from xcloudd.deadline import Deadline, guarded, paused
 from xcloudd.durations import format_duration
 from xcloudd.errors import ConfigError, ExitCode, UsageError
@@ -33,11 +34,6 @@ from xcloudd.targets import (
 # How long `xcloudd start` keeps settling a start whose outcome is unknown before it gives up
 # (exit 69); the intent stays in the store, and a daemon on the same store settles it.
 START_SETTLE_S = 60.0
-
-
-def plural(count: int, noun: str, many: str | None = None) -> str:
-    """ "1 job", "2 jobs", "0 watches" (with many="watches")."""
-    return f"{count} {noun if count == 1 else many or noun + 's'}"
 
 
 # -- start, watch, follow --------------------------------------------------------------------------

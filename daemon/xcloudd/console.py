@@ -25,8 +25,9 @@ def _who(r: Mapping[str, Any]) -> str:
     return f"#{number} {label}" if number is not None else str(label)
 
 
-def _plural(n: object, noun: str) -> str:
-    return f"{n} {noun}" + ("" if n == 1 else "s")
+def plural(count: object, noun: str, many: str | None = None) -> str:
+    """ "1 job", "2 jobs", "0 watches" (with many="watches")."""
+    return f"{count} {noun if count == 1 else many or noun + 's'}"
 
 
 def _secs(value: object) -> str:
@@ -68,7 +69,7 @@ def render(r: Mapping[str, Any]) -> str | None:
             return f"trouble in {r.get('where')}: {r.get('error')} (x{r.get('count')})"
         case "sink.dropped":
             return (
-                f"{_plural(r.get('count'), 'event')} dropped for {r.get('sink')}:"
+                f"{plural(r.get('count'), 'event')} dropped for {r.get('sink')}:"
                 " it fell too far behind"
             )
         case "build.start_failed":
@@ -97,7 +98,7 @@ def render(r: Mapping[str, Any]) -> str | None:
         case "sink.failed":
             return (
                 f"sink {r.get('sink')} fails ({r.get('error')}); "
-                f"{_plural(r.get('pending'), 'event')} wait for it"
+                f"{plural(r.get('pending'), 'event')} wait for it"
             )
         case "sink.recovered":
             return f"sink {r.get('sink')} works again"
@@ -106,7 +107,7 @@ def render(r: Mapping[str, Any]) -> str | None:
         case "schedule.skipped":
             return f"{r.get('job')}: skipped the {r.get('scheduled_for')} run ({r.get('reason')})"
         case "schedule.missed":
-            return f"{r.get('job')}: {_plural(r.get('count'), 'planned run')} missed"
+            return f"{r.get('job')}: {plural(r.get('count'), 'planned run')} missed"
         case "daemon.reload_failed":
             return f"the new config was refused, the old one keeps running: {r.get('error')}"
         case "daemon.started" | "daemon.stopped" | "daemon.stopping" | "daemon.reloaded":

@@ -1,7 +1,7 @@
 """How the daemon tells others how it is: systemd (READY, STATUS, WATCHDOG), `[server]`'s
 probes and metrics, and the heartbeat in the state store that `xcloudd status` reads.
 
-Everything here reads state; nothing here changes what the daemon does.
+Nothing here changes what the daemon does; the heartbeat is the only thing it writes.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from xcloudd import __version__
+from xcloudd.console import plural
 from xcloudd.errors import ConfigError
 from xcloudd.notify import Heartbeats, StatusLine, ping_while_alive, watchdog_interval
 from xcloudd.runtime import Runtime
@@ -72,7 +73,8 @@ def daemon_state(beat: DaemonBeat | None, now: float) -> DaemonState:
         return DaemonState(False, None, None)
     running = beat_is_current(beat, now)
     if running and beat.host == socket.gethostname():
-        running = pid_alive(beat.pid)
+        # What cannot be told is shown as the heartbeat says: running.
+        running = seen_running(beat.pid) is not False
     return DaemonState(running, beat, max(0.0, now - beat.beat))
 
 
@@ -91,16 +93,20 @@ def _ago(seconds: float) -> str:
     return f"{s // 86400}d"
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether an xcloudd process runs with this pid. A process that cannot be seen as one
-    (another user's, under ProtectProc=, or a pid taken by something else) counts as gone:
-    refusing to start on a guess would keep a restarted service down."""
+def seen_running(pid: int) -> bool | None:
+    """Whether an xcloudd process runs with this pid: True when it is seen to, False when the
+    pid is gone or belongs to another program, None when it cannot be told (another user's
+    process, or /proc hidden by ProtectProc=)."""
     try:
         os.kill(pid, 0)
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
+    except ProcessLookupError:
         return False
-    return b"xcloudd" in cmdline
+    except OSError:
+        return None
+    try:
+        return b"xcloudd" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
 
 
 @dataclass
@@ -128,7 +134,9 @@ class Health:
         beat = await rt.store.call(rt.store.sync.daemon_beat)
         if beat is None or beat.pid == os.getpid() or beat.host != socket.gethostname():
             return
-        if beat_is_current(beat, rt.clock.time()) and pid_alive(beat.pid):
+        # Only a daemon seen to run refuses this one: refusing on a guess (a pid that
+        # cannot be told) would keep a restarted service down.
+        if beat_is_current(beat, rt.clock.time()) and seen_running(beat.pid) is True:
             raise ConfigError.at(
                 str(rt.config.path),
                 "state.path",
@@ -153,12 +161,10 @@ class Health:
         while True:
             try:
                 await self.beat()
-                stats = await rt.store.call(rt.store.sync.stats, [])
-                text = (
-                    f"{_count(self.jobs, 'job')}, {_count(stats.runs_in_flight, 'run')} in flight"
-                )
+                flying = await rt.store.call(rt.store.sync.in_flight_count)
+                text = f"{plural(self.jobs, 'job')}, {plural(flying, 'run')} in flight"
             except Exception as exc:
-                text = f"{_count(self.jobs, 'job')}; the state store fails: {describe(exc)}"
+                text = f"{plural(self.jobs, 'job')}; the state store fails: {describe(exc)}"
             if rt.supervisor.last_error:
                 text += f"; last error: {rt.supervisor.last_error}"
             line.update(text)
@@ -233,7 +239,3 @@ class Health:
         if rt.metrics is not None:
             names = [s.name for s in rt.sinks]
             rt.metrics.live.store = await rt.store.call(rt.store.sync.stats, names)
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Histogram
@@ -61,7 +61,6 @@ class Live:
     sinks: Sequence[_SinkSource] = ()
     errors: Callable[[], Mapping[str, int]] = dict
     store: StoreStats | None = None
-    jobs: Sequence[str] = field(default_factory=tuple)
 
 
 class Metrics:

@@ -1050,10 +1050,13 @@ class Store:
         ).fetchone()
         return int(row[0])
 
+    def in_flight_count(self) -> int:
+        return int(self._conn.execute("SELECT count(*) FROM runs WHERE finished = 0").fetchone()[0])
+
     def stats(self, sinks: Sequence[str]) -> StoreStats:
         """What /metrics shows from the store, read in one go."""
         c = self._conn
-        in_flight = int(c.execute("SELECT count(*) FROM runs WHERE finished = 0").fetchone()[0])
+        in_flight = self.in_flight_count()
         last = c.execute(
             "SELECT job, max(finished_at) FROM runs WHERE completion_status = 'SUCCEEDED'"
             " AND job IS NOT NULL AND finished_at IS NOT NULL GROUP BY job"
