@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SteppingClock
 from xcloudd.asyncstore import AsyncStore
 from xcloudd.clock import FakeClock
 from xcloudd.delivery import Delivery
@@ -163,3 +164,25 @@ async def test_a_sink_that_is_down_delays_only_itself_and_catches_up_after_a_res
     reopened.close()
     assert flaky.got == expected[: len(flaky.got)]
     assert len(set(flaky.got)) == len(flaky.got) >= 21
+
+
+async def test_a_stopped_delivery_does_not_wait_out_its_backoff(tmp_path: Path) -> None:
+    """A reload that replaces a failing sink, or a shutdown, must not wait for the sink's next
+    retry (up to a minute): stop() ends the backoff at once."""
+    clock = SteppingClock(FakeClock().time())
+    store = AsyncStore(Store.open(tmp_path / "state.db", EventFactory(clock)))
+    emitter = Emitter(store.sync.ev, lambda e: store.post(lambda: store.sync.append([e])))
+    flaky = FlakySink("flaky")
+    flaky.down = True
+    delivery = Delivery(store, flaky, emitter, clock)
+    task = asyncio.create_task(delivery.run())
+    try:
+        emitter.emit("daemon.started")
+        await wait_for(lambda: delivery.failing and clock.next_wakeup() is not None)
+        delivery.stop()
+        await asyncio.wait_for(task, 5)  # on a clock that never moves
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await store.aclose()
+    assert flaky.got == []

@@ -28,7 +28,7 @@ from yarl import URL
 
 from xcloudd import __version__
 from xcloudd.auth import TokenSigner
-from xcloudd.clock import Clock
+from xcloudd.clock import Clock, sleep_or
 from xcloudd.errors import ExitCode, XcloudError
 from xcloudd.events import Emitter
 
@@ -338,7 +338,9 @@ class CircuitBreaker:
                         self._probes += 1
                         self._probe = self._probes
                         return self._probe
-                    await self._sleep_or_wake(me, delay)
+                    # Only the first in line sleeps; it still wakes at once when the breaker
+                    # closes.
+                    await sleep_or(self._clock, delay, me)
                 else:
                     await me.wait()
             return None
@@ -347,16 +349,6 @@ class CircuitBreaker:
             self._line.remove(me)
             if first and self._line and self.is_open:
                 self._line[0].set()
-
-    async def _sleep_or_wake(self, me: asyncio.Event, delay: float) -> None:
-        # Only the first in line sleeps; it must still wake at once when the breaker closes.
-        sleeper = asyncio.ensure_future(self._clock.sleep(delay))
-        waker = asyncio.ensure_future(me.wait())
-        try:
-            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            sleeper.cancel()
-            waker.cancel()
 
     def succeeded(self) -> None:
         self._streak = 0

@@ -38,6 +38,17 @@ async def wait_first(seconds: float, *events: asyncio.Event) -> None:
             waiter.cancel()
 
 
+async def sleep_or(clock: Clock, seconds: float, event: asyncio.Event) -> None:
+    """`seconds` on `clock`, or less if `event` is set meanwhile."""
+    sleeper = asyncio.ensure_future(clock.sleep(max(0.0, seconds)))
+    waker = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        sleeper.cancel()
+        waker.cancel()
+
+
 def utcnow(clock: Clock) -> datetime:
     return datetime.fromtimestamp(clock.time(), tz=UTC)
 

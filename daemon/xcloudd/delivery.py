@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import orjson
 
 from xcloudd.asyncstore import AsyncStore
-from xcloudd.clock import Clock, wait_first
+from xcloudd.clock import Clock, sleep_or, wait_first
 from xcloudd.events import Emitter
 from xcloudd.sinks import Record, Sink
 from xcloudd.store import OutboxRow
@@ -90,7 +90,8 @@ class Delivery:
             if self.failing:
                 failures += 1
                 delay = self._rng.uniform(0, min(RETRY_MAX_S, RETRY_BASE_S * 2**failures))
-                await self._clock.sleep(max(0.2, delay))
+                # A stop (shutdown, a reload replacing the sink) does not wait out the backoff.
+                await sleep_or(self._clock, max(0.2, delay), self._stopping)
             else:
                 failures = 0
 

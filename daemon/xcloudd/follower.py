@@ -22,7 +22,7 @@ from typing import Any
 from xcloudd import failpoints
 from xcloudd.api import ApiError, ApiUnavailable, AscClient, AuthFailed, BadResponse, NotFound
 from xcloudd.asyncstore import AsyncStore
-from xcloudd.clock import Clock, wait_first
+from xcloudd.clock import Clock, sleep_or, wait_first
 from xcloudd.config import PollingConfig
 from xcloudd.events import RESULTS, BuildRef, Event, EventFactory, EventName
 from xcloudd.notify import Heartbeats
@@ -182,7 +182,7 @@ class Follower:
                 due, _, run_id = self._due[0]
                 delay = due - self._clock.monotonic()
                 if delay > POLL_SLACK_S:
-                    await self._wait(delay)
+                    await sleep_or(self._clock, delay, self._wake)
                     continue
                 heapq.heappop(self._due)
                 tracked = self._runs.get(run_id)
@@ -200,15 +200,6 @@ class Follower:
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def _wait(self, delay: float) -> None:
-        sleeper = asyncio.create_task(self._clock.sleep(delay))
-        waker = asyncio.create_task(self._wake.wait())
-        try:
-            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            sleeper.cancel()
-            waker.cancel()
 
     async def _poll(self, tracked: _Tracked) -> None:
         run_id = tracked.ref.build_run_id

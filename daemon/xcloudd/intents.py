@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import Callable, Mapping
 
 from xcloudd.asyncstore import AsyncStore
-from xcloudd.clock import Clock, wait_first
+from xcloudd.clock import Clock, sleep_or, wait_first
 from xcloudd.config import JobConfig
 from xcloudd.starter import ORPHAN_S, Starter
 from xcloudd.store import Intent
@@ -71,16 +71,7 @@ class IntentSweeper:
                 # from another process (seen within IDLE_S).
                 await wait_first(IDLE_S, token)
             else:
-                await self._sleep_or_change(wake - now, token)
-
-    async def _sleep_or_change(self, delay: float, token: asyncio.Event) -> None:
-        sleeper = asyncio.create_task(self._clock.sleep(max(0.0, delay)))
-        waker = asyncio.create_task(token.wait())
-        try:
-            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            sleeper.cancel()
-            waker.cancel()
+                await sleep_or(self._clock, wake - now, token)
 
     async def _one(self, intent: Intent) -> None:
         try:
