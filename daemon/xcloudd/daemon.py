@@ -275,6 +275,9 @@ class Daemon:
         rt = self._rt
         notify.reloading()
         self.health.ready = False
+        # logrotate sends SIGHUP too: files are reopened whether or not the new config loads.
+        for sink in rt.sinks:
+            sink.reopen()
         try:
             try:
                 new = await asyncio.to_thread(self._load)

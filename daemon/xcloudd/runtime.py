@@ -156,7 +156,8 @@ def build_sinks(
 async def replace_sinks(rt: Runtime, configs: Iterable[SinkConfig], changed: Diff) -> None:
     """A reload: the sinks removed or changed stop after the batch under way (their cursors
     stay where they were confirmed), then the new ones start from their own cursors, so no
-    event waiting in the outbox is lost or delivered twice."""
+    event waiting in the outbox is lost. A batch still unconfirmed after DRAIN_S is cut off and
+    sent again by the successor, as after a crash."""
     gone = set(changed.gone)
     leaving = [d for d in rt.deliveries if d.sink.name in gone]
     for delivery in leaving:
@@ -172,8 +173,6 @@ async def replace_sinks(rt: Runtime, configs: Iterable[SinkConfig], changed: Dif
         if sink_key(sc) in wanted and sink_key(sc) not in {s.name for s in rt.sinks}:
             sink = build_sink(sc, rt.session)
             _deliver(rt, sink)
-    for sink in rt.sinks:
-        sink.reopen()  # a reload is also the moment to reopen files (logrotate sends SIGHUP)
     if rt.metrics is not None:
         rt.metrics.live.sinks = list(rt.deliveries)
 
