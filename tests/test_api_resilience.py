@@ -306,7 +306,9 @@ async def test_api_throttled_goes_out_once_per_streak_with_the_delay_really_wait
     async with sim_client(sim, fake_clock) as (client, events):
         sim.sim.faults.add(Fault(method="GET", path=path, status=429, times=3))
         await client.get(path)
-        await client.get(path)  # not throttled: the streak is over
+        # A while later (a 429 spent the tokens saved up), not throttled: the streak is over.
+        fake_clock.advance(5)
+        await client.get(path)
         sim.sim.faults.add(Fault(method="GET", path=path, status=429, retry_after=5, times=2))
         await client.get(path)
 

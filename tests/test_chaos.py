@@ -144,7 +144,7 @@ outcomes = ["ERRORED"]
 """
 
 POST_PATH = "/v1/ciBuildRuns"
-POLL_PATH = "/v1/ciBuildRuns/[^/]+"
+POLL_PATH = "/v1/ci(BuildRuns/[^/]+|Products/[^/]+/buildRuns)"
 LIST_PATH = "/v1/ciWorkflows/[^/]+/buildRuns"
 ACTIONS_PATH = "/v1/ciBuildRuns/[^/]+/actions"
 BURST_PATHS = (

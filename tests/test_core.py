@@ -37,7 +37,8 @@ from xcloudd.store import NewRun
 
 BUILD_FIELDS = ("build_run_id", "build_number", "workflow_id", "job", "origin")
 COMMON_FIELDS = ("timestamp", "level", "event", "event_id", "service")
-RUN_PATH = r"/v1/ciBuildRuns/[^/]+"
+# A poll: the run's product's list, or the run's own GET.
+RUN_PATH = r"/v1/ci(BuildRuns/[^/]+|Products/[^/]+/buildRuns)"
 LONG_RUN_S = 45 * 60
 
 
@@ -441,8 +442,9 @@ async def test_one_expired_token_mid_watch_is_survived_by_signing_again(
         code = await commands.start(rt, Target(workflow=wf_id(sim, "CI")), wait=True)
 
     assert code == ExitCode.OK
-    run_id = sim.sim.runs.all()[0].id
-    polls = sim.sim.traffic.matching("GET", f"/v1/ciBuildRuns/{run_id}")
+    polls = [
+        e for e in sim.sim.traffic.entries if e.method == "GET" and re.fullmatch(RUN_PATH, e.path)
+    ]
     assert [p.status for p in polls[:2]] == [401, 200]
     assert polls[0].fault == "expire_token"
     assert len(set(tokens)) == 2
@@ -507,8 +509,9 @@ async def test_429_with_retry_after_on_a_get_waits_that_long(
         code = await commands.start(rt, Target(workflow=wf_id(sim, "CI")), wait=True)
 
     assert code == ExitCode.OK
-    run_id = sim.sim.runs.all()[0].id
-    polls = sim.sim.traffic.matching("GET", f"/v1/ciBuildRuns/{run_id}")
+    polls = [
+        e for e in sim.sim.traffic.entries if e.method == "GET" and re.fullmatch(RUN_PATH, e.path)
+    ]
     assert [p.status for p in polls[:2]] == [429, 200]
     assert polls[1].time - polls[0].time >= 7
     throttled = events.one("api.throttled")
@@ -530,8 +533,9 @@ async def test_requests_sent_validate_against_apples_schema(
     assert schema_problems(sim.sim.traffic.entries) == []
 
 
-async def test_a_poke_polls_now_without_doubling_the_cadence(tmp_path: Path) -> None:
-    """A webhook hint makes the watcher look at once; afterwards it polls at `interval` again."""
+async def test_a_poke_confirms_now_without_doubling_the_cadence(tmp_path: Path) -> None:
+    """A webhook hint makes the watcher confirm the run at once with one GET; the product's
+    regular looks keep their cadence, and a flood of hints costs one more GET, not twenty."""
     clock = SteppingClock(FakeClock().time())
     data = copy.deepcopy(DEFAULT_SCENARIO)
     data["running_seconds"] = LONG_RUN_S
@@ -545,12 +549,12 @@ async def test_a_poke_polls_now_without_doubling_the_cadence(tmp_path: Path) -> 
         start = clock.time()
         try:
             await record(rt, run.id, wf_id(sim, "CI"), None)
-            await until(lambda: len(poll_times(sim, run.id)) == 1)
-            await until(lambda: clock.next_wakeup() == start + 30)  # the next poll is planned
+            await until(lambda: len(poll_times(sim, run.id)) == 1)  # learns the product
+            await until(lambda: clock.next_wakeup() is not None)
             clock.advance_to(start + 10)
             assert follower.poke(run.id)
-            await until(lambda: len(poll_times(sim, run.id)) == 2)
-            # A flood of hints (forged or replayed) brings one more poll forward, to the end
+            await until(lambda: len(confirm_times(sim, run.id)) == 1)
+            # A flood of hints (forged or replayed) brings one more look forward, to the end
             # of min_interval (5 s) after the last: not twenty.
             clock.advance_to(start + 12)
             for _ in range(20):
@@ -562,13 +566,25 @@ async def test_a_poke_polls_now_without_doubling_the_cadence(tmp_path: Path) -> 
         finally:
             loop.cancel()
             await asyncio.gather(loop, return_exceptions=True)
-    times = [t - start for t in poll_times(sim, run.id)]
-    assert times[:2] == [0, 10], "the poke did not poll at once"
-    assert times[2] == 15, times
-    # After the pokes, one poll every 30 s (give or take the second a poll takes here), and
-    # not also the poll that was planned before them.
-    assert len(times) == 9, times
-    assert all(29 <= b - a <= 31 for a, b in itertools.pairwise(times[2:])), times
+    confirms = [t - start for t in confirm_times(sim, run.id)]
+    assert confirms == [10, 15], "the poke did not confirm at once, or the flood cost more"
+    looks = [t - start for t in list_times(sim)]
+    # The product's looks: about every 30 s (give or take jitter), not more often.
+    assert 5 <= len(looks) <= 7, looks
+    assert all(26 <= b - a <= 31 for a, b in itertools.pairwise(looks)), looks
+
+
+def confirm_times(sim: RunningSimulator, run_id: str) -> list[float]:
+    path = f"/v1/ciBuildRuns/{run_id}/actions"
+    return [e.time for e in sim.sim.traffic.entries if e.method == "GET" and e.path == path]
+
+
+def list_times(sim: RunningSimulator) -> list[float]:
+    return [
+        e.time
+        for e in sim.sim.traffic.entries
+        if e.method == "GET" and re.fullmatch(r"/v1/ciProducts/[^/]+/buildRuns", e.path)
+    ]
 
 
 def follower_of(rt: Runtime) -> Follower:

@@ -111,7 +111,10 @@ async def test_metrics_and_probes_tell_what_the_daemon_does(world: World) -> Non
     assert last is not None
     assert abs(last - finished.timestamp()) < 2
     polls = value(
-        m, "xcloudd_api_requests_total", endpoint="GET /v1/ciBuildRuns/{id}", status="200"
+        m,
+        "xcloudd_api_requests_total",
+        endpoint="GET /v1/ciProducts/{id}/buildRuns",
+        status="200",
     )
     assert polls is not None
     assert polls >= 1
@@ -139,7 +142,7 @@ async def test_metrics_and_probes_tell_what_the_daemon_does(world: World) -> Non
     errors = value(
         during["metrics"],
         "xcloudd_api_requests_total",
-        endpoint="GET /v1/ciBuildRuns/{id}",
+        endpoint="GET /v1/ciProducts/{id}/buildRuns",
         status="503",
     )
     assert errors is not None
@@ -181,7 +184,7 @@ async def test_an_api_that_refuses_include_still_gets_its_runs_followed(world: W
     # A stand-in that does not know `include` answers 400: the names are left out, the run is
     # followed to its end all the same.
     world.sim.sim.faults.add(
-        Fault(method="GET", path=r"/v1/ciBuildRuns/[^/]+", status=400, times=1)
+        Fault(method="GET", path=r"/v1/ci(BuildRuns/[^/]+|Products/[^/]+/buildRuns)", status=400)
     )
     config = world.configure(job("hourly", every="1h"))
     await world.run(config, later(hours=1, minutes=1))

@@ -570,12 +570,21 @@ def send_webhooks(world: World, **settings: Any) -> Callable[[], Awaitable[None]
 
 
 def run_gets(world: World, run_id: str, start: float, end: float) -> int:
-    """GET /v1/ciBuildRuns/{id} answered in [start, end] of virtual time."""
+    """GETs of the run itself (or of its actions, which include it) answered in [start, end]
+    of virtual time."""
+    paths = (f"/v1/ciBuildRuns/{run_id}", f"/v1/ciBuildRuns/{run_id}/actions")
     return sum(
         1
         for e in world.sim.sim.traffic.entries
-        if e.method == "GET" and e.path == f"/v1/ciBuildRuns/{run_id}" and start <= e.time <= end
+        if e.method == "GET" and e.path in paths and start <= e.time <= end
     )
+
+
+def product_looks(world: World) -> list[float]:
+    """When the product's list of runs was read."""
+    product = world.sim.sim.scenario.products[0].id
+    path = f"/v1/ciProducts/{product}/buildRuns"
+    return [e.time for e in world.sim.sim.traffic.entries if e.method == "GET" and e.path == path]
 
 
 def gets_in(world: World, start: float, end: float) -> list[str]:
@@ -653,13 +662,13 @@ async def test_forged_webhooks_change_nothing(world: World) -> None:
         ("unwatched run named as watched", 202),
     ]
     looks = {name: gets_in(world, when, when + 30) for name, when, _ in forged}
-    # A workflow that is not watched: not one request. A watched one: one look at its runs,
-    # which finds nothing new.
+    # A workflow that is not watched: not one request. A watched one: one look at its
+    # product's runs, which finds nothing new.
     assert looks == {
         "no such run": [],
-        "no such run, watched workflow": [f"/v1/ciWorkflows/{ci}/buildRuns"],
+        "no such run, watched workflow": [f"/v1/ciProducts/{product}/buildRuns"],
         "unwatched run": [],
-        "unwatched run named as watched": [f"/v1/ciWorkflows/{ci}/buildRuns"],
+        "unwatched run named as watched": [f"/v1/ciProducts/{product}/buildRuns"],
     }
     assert [e["event"] for e in world.events()] == [
         "daemon.started",
@@ -692,11 +701,7 @@ async def test_a_webhook_for_a_new_run_of_a_watched_workflow_is_followed_at_once
     assert created["origin"] == "watch"
     assert created["workflow_id"] == run.workflow_id
     # Found through the API after the BUILD_CREATED hint, well before the next regular look.
-    looks = [
-        e.time
-        for e in world.sim.sim.traffic.entries
-        if e.method == "GET" and e.path == f"/v1/ciWorkflows/{run.workflow_id}/buildRuns"
-    ]
+    looks = product_looks(world)
     assert any(run.created_at + 0.5 <= t <= run.created_at + 1.5 for t in looks), looks
     assert world.sim.sim.webhooks.sent[0]["event_type"] == "BUILD_CREATED"
     assert_each_run_once(world)
@@ -721,11 +726,46 @@ async def test_with_every_webhook_lost_polling_still_reports_the_build(world: Wo
     (done,) = world.events("build.completed")
     assert done["build_run_id"] == run.id
     assert done["completion_status"] == "SUCCEEDED"
-    # Seen by a regular poll, minutes later: nothing brought it forward.
-    first = min(
-        e.time
-        for e in world.sim.sim.traffic.entries
-        if e.method == "GET" and e.path == f"/v1/ciBuildRuns/{run.id}"
-    )
+    # Seen by a regular look at its product, minutes later: nothing brought it forward.
+    first = min(t for t in product_looks(world) if t >= run.created_at)
     assert first - run.created_at >= 0.8 * 5 * 60 - 1
+    assert run_gets(world, run.id, run.created_at, first - 0.001) == 0
+    assert_each_run_once(world)
+
+
+async def test_a_build_seen_through_its_webhooks_costs_two_gets(world: World) -> None:
+    """Our own start (created: no news), BUILD_STARTED (one read of the product's runs, which
+    counts as the product's regular look) and BUILD_COMPLETED (one read of the run's actions
+    with the run included): two GETs after the POST. The second comes min_interval (5 s) after
+    the first, not at once: hints bring at most one look per run per min_interval forward."""
+    config = with_webhooks(world, job("hourly", every="1h"))
+    await world.run(
+        config,
+        later(minutes=59),
+        send_webhooks(world, delay_s=0.5),
+        later(hours=1, seconds=10),
+    )
+    (run,) = world.runs("CI")
+    assert [s["event_type"] for s in world.sim.sim.webhooks.sent] == [
+        "BUILD_CREATED",
+        "BUILD_STARTED",
+        "BUILD_COMPLETED",
+    ]
+    traffic = list(world.sim.sim.traffic.entries)
+    post = next(i for i, e in enumerate(traffic) if e.method == "POST")
+    after = [
+        (round(e.time - run.created_at, 3), e.path)
+        for e in traffic[post + 1 :]
+        if e.method == "GET"
+    ]
+    product = world.sim.sim.scenario.products[0].id
+    assert after == [
+        (1.5, f"/v1/ciProducts/{product}/buildRuns"),
+        (6.5, f"/v1/ciBuildRuns/{run.id}/actions"),
+    ]
+    assert [e["event"] for e in world.events("build.started", "build.completed")] == [
+        "build.started",
+        "build.completed",
+    ]
+    assert world.events("build.completed")[0]["actions"]
     assert_each_run_once(world)

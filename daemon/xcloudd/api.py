@@ -5,8 +5,10 @@ the configured share of the key's hourly limit, retries what is safe to retry, a
 Apple's `errors[]` into typed exceptions that keep `code`, `detail` and `source.pointer`.
 
 Whatever the server or the network does, `get`, `paginate` and `post` raise only ApiError (and
-its subclasses), ApiUnavailable, OutcomeUnknown or BadResponse. During an outage a circuit
-breaker shared by all callers lets one probe out at a time instead of every caller's retries.
+its subclasses), ApiUnavailable, OutcomeUnknown or BadResponse (and `post`, given a deadline,
+TooLate). During an outage a circuit breaker shared by all callers lets one probe out at a time
+instead of every caller's retries. One request budget serves all callers: starts go first,
+polls share fairly, and a 429 holds everyone back (see Budget).
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ import email.utils
 import math
 import random
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import orjson
@@ -33,6 +35,8 @@ from xcloudd.errors import ExitCode, XcloudError
 from xcloudd.events import Emitter
 
 JSON = dict[str, Any]
+# Requests waiting in lane "start" (what starting a build needs) go before any in lane "poll".
+Lane = Literal["start", "poll"]
 USER_AGENT = f"xcloudd/{__version__}"
 TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 MAX_RETRY_AFTER_S = 300.0
@@ -45,6 +49,8 @@ BREAKER_THRESHOLD = 3
 BREAKER_BASE_S = 2.0
 BREAKER_MAX_S = 60.0
 _TIMER_SLACK_S = 0.001
+# While Apple reports the key itself near its limit (other tools included): one request a minute.
+NEAR_LIMIT_GAP_S = 60.0
 # Apple's error texts are short; a broken server's are not, and they end up in events and on
 # the user's terminal.
 _MAX_ERRORS = 20
@@ -152,6 +158,10 @@ class BadResponse(XcloudError):
     """A response we cannot read: treated like a transient failure for GETs."""
 
 
+class TooLate(XcloudError):
+    """A request's turn in the budget would come after its deadline: nothing was sent."""
+
+
 @dataclass(frozen=True)
 class RateLimit:
     limit: int
@@ -178,7 +188,15 @@ class Budget:
 
     A token bucket refills at share*limit per hour, with at most a minute's worth saved up;
     when Apple reports that the key itself (other tools included) is near its limit, requests
-    slow to one a minute until `user-hour-rem` recovers.
+    slow to one a minute until `user-hour-rem` recovers. A 429 holds every request back for its
+    delay and spends what was saved up, so that traffic resumes at the steady rate, not in a
+    burst.
+
+    Requests that have to wait are granted in this order: every waiting start first (a start
+    is a few requests that a schedule or a person waits for; a poll can be a little late), then
+    polls round-robin across their share keys (one per product, so that a product with many
+    runs does not starve one with few), in arrival order within a share. Only the request next
+    in that order sleeps on the clock; the others wait to be woken.
 
     It also keeps the throttling streak, so that `api.throttled` goes out once when requests
     start being held back (here, or by a 429) and again only after one went through unhindered.
@@ -192,7 +210,10 @@ class Budget:
         self._remaining = limit
         self._tokens = self._capacity
         self._stamp = clock.monotonic()
-        self._lock = asyncio.Lock()
+        self._held_until = -math.inf
+        self._last_grant = -math.inf
+        self._starts: deque[asyncio.Event] = deque()
+        self._polls: dict[str | None, deque[asyncio.Event]] = {}
         self._throttling = False
 
     @property
@@ -204,13 +225,32 @@ class Budget:
         return max(1.0, self._rate * 60.0)
 
     @property
+    def _near_limit(self) -> bool:
+        return self._remaining <= (1.0 - self._share) * self._limit
+
+    @property
     def rate_limit(self) -> RateLimit:
         return RateLimit(self._limit, self._remaining)
 
     def observe(self, rl: RateLimit) -> None:
+        self._refill(self._clock.monotonic())
+        before = (self._limit, self._near_limit)
         self._limit = max(1, rl.limit)
         self._remaining = rl.remaining
         self._tokens = min(self._tokens, self._capacity)
+        if (self._limit, self._near_limit) != before:
+            self._wake_next()  # it sleeps for a pace that no longer holds
+
+    def hold(self, delay: float) -> None:
+        """Apple answered 429: nothing goes out for `delay` seconds, in any lane (the refused
+        request's retry waits its turn here too)."""
+        now = self._clock.monotonic()
+        self._refill(now)
+        self._held_until = max(self._held_until, now + delay)
+        # Tokens keep coming during the hold; this leaves at most one when it ends.
+        self._tokens = min(self._tokens, 1.0 - (self._held_until - now) * self._rate)
+        self.throttled(delay)
+        self._wake_next()
 
     def throttled(self, delay: float) -> None:
         """A request is held back for `delay` seconds, by this budget or by a 429."""
@@ -228,28 +268,76 @@ class Budget:
         """A request went out and was answered without being held back: the streak is over."""
         self._throttling = False
 
-    def _refill(self) -> None:
-        now = self._clock.monotonic()
+    def _refill(self, now: float) -> None:
         self._tokens = min(self._capacity, self._tokens + (now - self._stamp) * self._rate)
         self._stamp = now
 
-    def _delay(self) -> float:
-        reserve = (1.0 - self._share) * self._limit
-        if self._remaining <= reserve:
-            return 60.0
-        self._refill()
-        return 0.0 if self._tokens >= 1.0 else (1.0 - self._tokens) / self._rate
+    def _wait(self, now: float) -> float:
+        """How long until the next request may go out."""
+        self._refill(now)
+        at = self._held_until
+        if self._near_limit:
+            at = max(at, self._last_grant + NEAR_LIMIT_GAP_S)
+        if self._tokens < 1.0:
+            at = max(at, now + (1.0 - self._tokens) / self._rate)
+        return max(0.0, at - now)
 
-    async def acquire(self) -> float:
-        """Wait for this request's turn; returns how long it was held back."""
-        async with self._lock:
-            delay = self._delay()
-            if delay > 0:
-                self.throttled(delay)
-                await self._clock.sleep(delay)
-                self._refill()
-            self._tokens = max(0.0, self._tokens - 1.0)
-            return delay
+    def _next(self) -> asyncio.Event | None:
+        if self._starts:
+            return self._starts[0]
+        if self._polls:
+            return next(iter(self._polls.values()))[0]
+        return None
+
+    def _wake_next(self) -> None:
+        if (waiter := self._next()) is not None:
+            waiter.set()
+
+    async def acquire(
+        self, lane: Lane = "poll", share: str | None = None, *, not_after: float | None = None
+    ) -> float:
+        """Wait for this request's turn; returns how long it was held back.
+
+        `share` names whose poll this is (ignored for starts). With `not_after` (wall-clock
+        seconds on the injected clock), a turn that would come later raises TooLate instead,
+        once this request is next in line.
+        """
+        start = self._clock.monotonic()
+        deadline = None if not_after is None else start + (not_after - self._clock.time())
+        me = asyncio.Event()
+        line = self._starts if lane == "start" else self._polls.setdefault(share, deque())
+        line.append(me)
+        granted = False
+        try:
+            while True:
+                me.clear()
+                now = self._clock.monotonic()
+                if self._next() is me:
+                    wait = self._wait(now)
+                    if deadline is not None and now + wait > deadline + _TIMER_SLACK_S:
+                        raise TooLate(
+                            f"the request budget has no turn for it for {wait:.0f}s,"
+                            " past its deadline"
+                        )
+                    if wait <= _TIMER_SLACK_S:
+                        break
+                    self.throttled(wait)
+                    await sleep_or(self._clock, wait, me)
+                else:
+                    # Its turn, and so its deadline, can only be judged once it is next.
+                    await me.wait()
+            self._tokens -= 1.0
+            self._last_grant = now
+            granted = True
+            return now - start
+        finally:
+            line.remove(me)
+            if lane == "poll":
+                if not line:
+                    del self._polls[share]
+                elif granted:
+                    self._polls[share] = self._polls.pop(share)  # to the back of the round
+            self._wake_next()
 
 
 @dataclass(frozen=True)
@@ -415,11 +503,16 @@ class _Answer:
 
 @dataclass
 class _Call:
-    """One get or post: what it sends, and how many requests it has sent so far."""
+    """One get or post: what it sends, its place in the budget, and how many requests it has
+    sent so far."""
 
     method: str
     url: URL
     body: object | None
+    lane: Lane = "poll"
+    share: str | None = None
+    not_after: float | None = None
+    before_send: Callable[[], Awaitable[object]] | None = None
     sent: int = 0
 
 
@@ -552,10 +645,14 @@ class AscClient:
         """One request through the circuit breaker and the budget."""
         probe = await self._breaker.admit()
         settled = False
-        held: float | None = None
+        on_wire = False
         try:
-            held = await self.budget.acquire()
+            held = await self.budget.acquire(call.lane, call.share, not_after=call.not_after)
+            if call.before_send is not None:
+                before_send, call.before_send = call.before_send, None
+                await before_send()
             self.exchanging += 1
+            on_wire = True
             try:
                 answer = await self._exchange(call)
             except (_Trouble, BadResponse) as exc:
@@ -574,7 +671,7 @@ class AscClient:
                 self.budget.unthrottled()
             return answer
         finally:
-            if held is not None:
+            if on_wire:
                 self.exchanging -= 1
             if not settled:
                 self._breaker.abandon(probe)
@@ -616,14 +713,23 @@ class AscClient:
                 reason=reason,
             )
 
-    async def get(self, path_or_url: str, params: Mapping[str, str] | None = None) -> JSON:
+    async def get(
+        self,
+        path_or_url: str,
+        params: Mapping[str, str] | None = None,
+        *,
+        lane: Lane = "poll",
+        share: str | None = None,
+    ) -> JSON:
         """GET with retries for transient trouble.
 
+        `lane` and `share` place it in the budget's order (see Budget): "start" for what a
+        start needs, else a poll with the key whose polls share fairly (e.g. a product id).
         When the tries run out it raises ApiUnavailable (transport trouble, 5xx, 429), or
         BadResponse when the last answer could not be read. Waiting for the circuit breaker
         uses up no tries.
         """
-        call = _Call("GET", self._url(path_or_url, params), None)
+        call = _Call("GET", self._url(path_or_url, params), None, lane, share)
         path = call.url.path
         attempt = 0
         while True:
@@ -654,7 +760,7 @@ class AscClient:
             else:
                 delay = 0.0 if last else self._retry.backoff(attempt, self._rng)
             if status == 429:
-                self.budget.throttled(delay or 0.0)
+                self.budget.hold(delay or 0.0)
             if last:
                 self._gave_up(status, attempt, path, reason)
                 if unreadable is not None:
@@ -673,13 +779,19 @@ class AscClient:
                 path=path,
                 reason=reason,
             )
-            await self._clock.sleep(delay)
+            if status != 429:  # a 429 is waited out in the budget, with every other request
+                await self._clock.sleep(delay)
 
     async def paginate(
-        self, path: str, params: Mapping[str, str] | None = None
+        self,
+        path: str,
+        params: Mapping[str, str] | None = None,
+        *,
+        lane: Lane = "poll",
+        share: str | None = None,
     ) -> AsyncIterator[JSON]:
         """Every resource of a list, following `links.next` exactly as given."""
-        page = await self.get(path, params)
+        page = await self.get(path, params, lane=lane, share=share)
         followed: set[str] = set()
         while True:
             data = page.get("data")
@@ -696,16 +808,34 @@ class AscClient:
                 # A cursor that leads back to an earlier page would page forever.
                 raise BadResponse(f"App Store Connect sent next links that loop for {path}")
             followed.add(nxt)
-            page = await self.get(nxt)
+            page = await self.get(nxt, lane=lane, share=share)
 
-    async def post(self, path: str, body: JSON) -> JSON:
+    async def post(
+        self,
+        path: str,
+        body: JSON,
+        *,
+        not_after: float | None = None,
+        before_send: Callable[[], Awaitable[object]] | None = None,
+    ) -> JSON:
         """A request that creates something: retried only when Apple says it did nothing (429)
-        or when it never reached Apple.
+        or when it never reached Apple. It goes in the budget's "start" lane.
 
         A timeout, a reset, an unreadable answer or a 5xx raises OutcomeUnknown: the caller must
-        find out what happened before it may try again.
+        find out what happened before it may try again. When the budget cannot give a try its
+        turn by `not_after` (wall-clock seconds on the injected clock), TooLate: that try was
+        not sent. `before_send` is awaited once, when the first try has its turn and just
+        before it goes out, so that a caller records the request durably only when it really
+        leaves; what it raises ends the post with nothing sent.
         """
-        call = _Call("POST", self._url(path, None), body)
+        call = _Call(
+            "POST",
+            self._url(path, None),
+            body,
+            "start",
+            not_after=not_after,
+            before_send=before_send,
+        )
         attempt = 0
         while True:
             attempt += 1
@@ -747,10 +877,9 @@ class AscClient:
                 given = retry_after(answer.headers, self._clock.time())
                 if attempt < self._retry.attempts:
                     delay = given if given is not None else self._retry.backoff(attempt, self._rng)
-                    self.budget.throttled(delay)
-                    await self._clock.sleep(delay)
+                    self.budget.hold(delay)
                     continue
-                self.budget.throttled(given or 0.0)
+                self.budget.hold(given or 0.0)
             raise self._refusal(call, answer)
 
 

@@ -96,8 +96,8 @@ class Daemon:
             config.polling,
             report=rt.supervisor.report,
             heartbeats=self.health.heartbeats,
+            discovery=Discovery(rt.store, rt.clock),
         )
-        self._discovery = Discovery(rt.store, rt.client, rt.clock)
         self._watches = {w.key: w for w in (_Watch(i, c) for i, c in enumerate(config.watches))}
         self._rng = random.Random()
         self._reload_wanted = asyncio.Event()
@@ -214,22 +214,27 @@ class Daemon:
         self._rt.supervisor.spawn(f"watch {watch.key}", functools.partial(self._watch_loop, watch))
 
     async def _watch_loop(self, watch: _Watch) -> None:
+        """Resolve the watched workflow (an outage only delays it), then have the follower
+        discover its runs in its product's looks for as long as the watch is configured."""
         rt = self._rt
         failures = 0
-        while True:
+        while watch.workflow is None or watch.workflow.product_id is None:
             try:
-                if watch.workflow is None:
-                    await self._resolve_watch(watch, at_start=False)
-                if watch.workflow is not None:
-                    await self._discovery.look(watch.workflow.id)
-                failures = 0
+                await self._resolve_watch(watch, at_start=False)
+                if watch.workflow is not None and watch.workflow.product_id is None:
+                    watch.workflow = None  # App Store Connect did not say: ask again
+                    raise BadResponse("App Store Connect did not name the workflow's product")
             except (ApiUnavailable, ApiError, BadResponse):
-                failures += 1  # the client has reported it; poll again, more slowly
-            delay = rt.config.polling.interval
-            if failures:
+                failures += 1  # the client has reported it; try again, more slowly
+                delay = rt.config.polling.interval
                 cap = min(WATCH_RETRY_MAX_S, delay * 2 ** min(failures, 8))
-                delay = self._rng.uniform(delay, max(delay, cap))
-            await rt.clock.sleep(delay)
+                await rt.clock.sleep(self._rng.uniform(delay, max(delay, cap)))
+        workflow_id = watch.workflow.id
+        self.follower.watch(workflow_id, watch.workflow.product_id)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self.follower.unwatch(workflow_id)
 
     async def _prune_loop(self) -> None:
         rt = self._rt
@@ -250,16 +255,7 @@ class Daemon:
         """A webhook says a run changed: look at it now. The payload proves nothing: a run
         already followed is polled at once (one GET), and one not followed yet is looked for
         only in a watched workflow, through the API; anything else changes nothing."""
-        if self.follower.poke(hint.run_id):
-            return
-        watched = {w.workflow.id: w for w in self._watches.values() if w.workflow is not None}
-        watch = watched.get(hint.workflow_id or "")
-        if watch is None or watch.workflow is None:
-            return
-        name = f"look {watch.key}"
-        if not self._rt.supervisor.running(name):
-            workflow_id = watch.workflow.id
-            self._rt.supervisor.spawn_once(name, lambda: self._discovery.look(workflow_id))
+        self.follower.hint(hint.run_id, hint.workflow_id, hint.event_type)
 
     # --- reload ---------------------------------------------------------------------------
 

@@ -1,95 +1,90 @@
 """Discovery for `[[watches]]`: new runs of a watched workflow become runs in the store.
 
-Each round reads the workflow's runs newest first, page by page, down to the highest number
-already seen (so a burst of new runs is never cut at one page). A run that could be one of our
-own starts whose outcome is still unknown is held back (the starter may adopt it); every other
-new run is recorded with `origin: "watch"`, which writes its `build.created`. Runs that existed
-before the first look are history and are not reported.
+It reads no list of its own: the follower's read of the product's newest runs (products.py)
+shows every new run of every workflow of the product, and is read down to the highest number
+discovery has seen (so a burst of new runs is never cut at one page). A run that could be one of
+our own starts whose outcome is still unknown is held back (the starter may adopt it); every
+other new run is recorded with `origin: "watch"`, which writes its `build.created`. Runs that
+existed before the first look at a workflow are history and are not reported.
+
+Build numbers grow per product, so after a look every watched workflow's cursor moves to the
+product's highest number: the next look need not page further down than that.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from datetime import UTC, datetime
 
-from xcloudd.api import AscClient
 from xcloudd.asyncstore import AsyncStore
 from xcloudd.clock import Clock
-from xcloudd.resources import RUN_FIELDS, BuildRun
-from xcloudd.starter import could_be_pending, runs_of
+from xcloudd.products import Listing
+from xcloudd.starter import could_be_pending
 from xcloudd.store import NewRun
-
-PAGE = 200
-MAX_PAGES = 10
 
 
 class Discovery:
-    def __init__(self, store: AsyncStore, client: AscClient, clock: Clock) -> None:
+    def __init__(self, store: AsyncStore, clock: Clock) -> None:
         self._store = store
         self._db = store.sync
-        self._client = client
         self._clock = clock
 
-    async def look(self, workflow_id: str) -> int:
-        """One round for one workflow; the number of new runs recorded."""
-        highest = await self._store.call(self._db.cursor, workflow_id)
-        runs = await self._newer_than(workflow_id, highest)
-        if highest is None:
-            top = max((r.number or 0 for r in runs), default=0)
-            await self._store.call(self._db.set_cursor, workflow_id, top)
-            return 0
-        now = datetime.fromtimestamp(self._clock.time(), tz=UTC)
-        windows = await self._store.call(self._db.pending_windows, workflow_id)
-        ours = could_be_pending(windows, now)
-        known = await self._store.call(self._db.known_runs, [r.id for r in runs])
-        held_back: list[int] = []
-        recorded = 0
-        for run in sorted(runs, key=lambda r: r.number or 0):
-            number = run.number or 0
-            if number <= highest or run.id in known:
-                continue
-            if ours(run):
-                held_back.append(number)
-                continue
-            new = await self._store.call(
-                self._db.record_run,
-                NewRun(
-                    run_id=run.id,
-                    number=run.number,
-                    workflow_id=workflow_id,
-                    job=None,
-                    origin="watch",
-                    created_at=run.created,
-                    start_reason=run.start_reason,
-                    progress=run.progress,
-                ),
-                intent_id=None,
-                reconciled=False,
-            )
-            recorded += int(new)
-        top = max((r.number or 0 for r in runs), default=highest)
-        if held_back:
-            top = min(top, min(held_back) - 1)
-        if top > highest:
-            await self._store.call(self._db.set_cursor, workflow_id, top)
-        return recorded
+    async def floor(self, watched: Collection[str]) -> tuple[dict[str, int], int | None]:
+        """The watched workflows' cursors, and the number a read must reach down to."""
+        cursors = await self._store.call(self._db.cursors, list(watched))
+        return cursors, min(cursors.values(), default=None)
 
-    async def _newer_than(self, workflow_id: str, highest: int | None) -> list[BuildRun]:
-        page = await self._client.get(
-            f"/v1/ciWorkflows/{workflow_id}/buildRuns",
-            {
-                "sort": "-number",
-                "limit": str(PAGE if highest is not None else 1),
-                "fields[ciBuildRuns]": RUN_FIELDS,
-            },
-        )
-        runs: list[BuildRun] = []
-        for _ in range(MAX_PAGES):
-            batch = runs_of(page)
-            runs.extend(batch)
-            links = page.get("links")
-            nxt = links.get("next") if isinstance(links, dict) else None
-            lowest = min((r.number or 0 for r in batch), default=0)
-            if highest is None or not isinstance(nxt, str) or not nxt or lowest <= highest:
-                break
-            page = await self._client.get(nxt)
-        return runs
+    async def take(
+        self,
+        product_id: str,
+        watched: Collection[str],
+        cursors: Mapping[str, int],
+        listing: Listing,
+    ) -> tuple[list[NewRun], list[tuple[str, int]]]:
+        """The new runs of watched workflows in `listing`, and the cursors to move; both are
+        written by the caller, in the transaction of the whole look."""
+        if not watched:
+            return [], []
+        # An empty product: its first run, when it comes, is new.
+        top = listing.top if listing.top is not None else 0
+        candidates = [r for r in listing.runs.values() if r.workflow_id in watched]
+        known = await self._store.call(self._db.known_runs, [r.id for r in candidates])
+        now = datetime.fromtimestamp(self._clock.time(), tz=UTC)
+        new: list[NewRun] = []
+        moves: list[tuple[str, int]] = []
+        for workflow_id in watched:
+            highest = cursors.get(workflow_id)
+            if highest is None:
+                moves.append((workflow_id, top))
+                continue
+            windows = await self._store.call(self._db.pending_windows, workflow_id)
+            ours = could_be_pending(windows, now)
+            held_back: list[int] = []
+            mine = sorted(
+                (r for r in candidates if r.workflow_id == workflow_id),
+                key=lambda r: r.number or 0,
+            )
+            for run in mine:
+                number = run.number or 0
+                if number <= highest or run.id in known:
+                    continue
+                if ours(run):
+                    held_back.append(number)
+                    continue
+                new.append(
+                    NewRun(
+                        run_id=run.id,
+                        number=run.number,
+                        workflow_id=workflow_id,
+                        job=None,
+                        origin="watch",
+                        created_at=run.created,
+                        start_reason=run.start_reason,
+                        progress=run.progress,
+                        product_id=product_id,
+                    )
+                )
+            mark = top if not held_back else min(top, min(held_back) - 1)
+            if mark > highest:
+                moves.append((workflow_id, mark))
+        return new, moves

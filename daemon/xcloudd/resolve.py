@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
 
-from xcloudd.api import JSON, AscClient, BadResponse, NotFound
+from xcloudd.api import JSON, AscClient, BadResponse, Lane, NotFound
 from xcloudd.clock import Clock, SystemClock
 from xcloudd.errors import ExitCode, XcloudError
 from xcloudd.resources import Named, related_id
@@ -24,6 +24,9 @@ RefKind = Literal["BRANCH", "TAG"]
 T = TypeVar("T")
 LOOKUP_TTL_S = 600.0
 MISS_RECHECK_S = 30.0
+# Lookups are what a start waits for before its POST (and, kept, cost little otherwise): they
+# take the budget's start lane rather than queue behind polls.
+LANE: Lane = "start"
 _PREFIX: dict[RefKind, str] = {"BRANCH": "refs/heads/", "TAG": "refs/tags/"}
 
 
@@ -110,7 +113,9 @@ class Resolver:
     async def products(self, max_age: float | None = None) -> list[Product]:
         async def load() -> list[Product]:
             items = self._client.paginate(
-                "/v1/ciProducts", {"limit": "200", "fields[ciProducts]": "name,productType"}
+                "/v1/ciProducts",
+                {"limit": "200", "fields[ciProducts]": "name,productType"},
+                lane=LANE,
             )
             return [Product(p.id, p.name) async for p in _named(items, "ciProducts")]
 
@@ -121,6 +126,7 @@ class Resolver:
             items = self._client.paginate(
                 f"/v1/ciProducts/{product.id}/workflows",
                 {"limit": "200", "fields[ciWorkflows]": "name,description,isEnabled"},
+                lane=LANE,
             )
             return [_workflow(w, product.id) async for w in _named(items, "ciWorkflows")]
 
@@ -175,7 +181,15 @@ class Resolver:
     async def _workflow_by_id(self, ident: str) -> Workflow:
         try:
             doc = await self._client.get(
-                f"/v1/ciWorkflows/{ident}", {"fields[ciWorkflows]": "name,isEnabled,product"}
+                f"/v1/ciWorkflows/{ident}",
+                # The product's linkage comes with `include` (the follower reads its runs
+                # through the product).
+                {
+                    "fields[ciWorkflows]": "name,isEnabled,product",
+                    "include": "product",
+                    "fields[ciProducts]": "name",
+                },
+                lane=LANE,
             )
         except NotFound:
             raise ResolveError(
@@ -192,6 +206,7 @@ class Resolver:
             doc = await self._client.get(
                 f"/v1/ciWorkflows/{workflow_id}/repository",
                 {"fields[scmRepositories]": "repositoryName"},
+                lane=LANE,
             )
             data = doc.get("data")
             if not isinstance(data, dict) or not isinstance(data.get("id"), str):
@@ -205,6 +220,7 @@ class Resolver:
             items = self._client.paginate(
                 f"/v1/scmRepositories/{repo}/gitReferences",
                 {"limit": "200", "fields[scmGitReferences]": "name,canonicalName,isDeleted,kind"},
+                lane=LANE,
             )
             return [r async for r in _named(items, "scmGitReferences")]
 
@@ -255,6 +271,7 @@ class Resolver:
         items = self._client.paginate(
             f"/v1/scmRepositories/{repo}/pullRequests",
             {"limit": "200", "fields[scmPullRequests]": "number,title,isClosed"},
+            lane=LANE,
         )
         async for pr in _named(items, "scmPullRequests", name_key="number"):
             if pr.name == ident:

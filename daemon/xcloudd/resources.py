@@ -142,6 +142,7 @@ class BuildRun:
     source_commit: dict[str, Any] | None
     workflow_id: str | None
     git_reference_id: str | None
+    product_id: str | None = None
 
     @classmethod
     def parse(cls, resource: object) -> BuildRun:
@@ -173,6 +174,7 @@ class BuildRun:
             source_commit=commit if isinstance(commit, dict) else None,
             workflow_id=related_id(resource, "workflow"),
             git_reference_id=related_id(resource, "sourceBranchOrTag"),
+            product_id=related_id(resource, "product"),
         )
 
 

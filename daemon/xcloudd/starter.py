@@ -8,7 +8,9 @@ what it did), done (its run is recorded), failed, missed. The rules (DESIGN 4):
   workflow's newest runs, a few seconds after the outcome became unknown, shows no run it
   could have created. A read that failed proves nothing: the intent waits and reads again;
 - a run is adopted only if it was created between the POST and the moment its outcome became
-  unknown (plus clock skew), by hand (MANUAL), on the same reference, and is not known yet.
+  unknown (plus clock skew), by hand (MANUAL), on the same reference, and is not known yet;
+- an intent becomes "sending" only when the request budget gives its POST a turn. A scheduled
+  start whose turn would come after its catch_up is counted missed, with nothing sent.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from xcloudd.api import (
     AuthFailed,
     BadResponse,
     OutcomeUnknown,
+    TooLate,
 )
 from xcloudd.asyncstore import AsyncStore
 from xcloudd.clock import Clock
@@ -51,6 +54,11 @@ RETRY_MAX_S = 300.0
 # How long reads that cannot tell whether a start created a run are tried before giving up.
 INCONCLUSIVE_GIVE_UP_S = 3600.0
 AUTH_RETRY_MAX_S = 60.0
+BUDGET_EXHAUSTED = "could not be sent within the job's catch_up: the request budget was exhausted"
+
+
+class _Settled(Exception):
+    """The intent was moved on elsewhere (another process) before its POST could go out."""
 
 
 @dataclass(frozen=True)
@@ -167,6 +175,13 @@ class Starter:
         elif intent.state == "unknown":
             await self._reconcile(intent, job)
 
+    @staticmethod
+    def _not_after(intent: Intent, job: JobConfig | None) -> float | None:
+        """The last moment a scheduled start may go out (wall-clock seconds), if it has one."""
+        if intent.origin != "schedule" or job is None or intent.planned is None:
+            return None
+        return intent.planned.timestamp() + max(job.catch_up, ON_TIME_S)
+
     def _too_late(self, intent: Intent, job: JobConfig | None) -> str | None:
         """Why a scheduled start should no longer go out, if it should not."""
         if intent.origin != "schedule":
@@ -175,10 +190,9 @@ class Starter:
             return "the job is no longer in the config"
         if not job.enabled:
             return "the job is disabled"
-        if intent.planned is not None:
-            late = (self._now() - intent.planned).total_seconds()
-            if late > max(job.catch_up, ON_TIME_S):
-                return "older than the job's catch_up when it could be sent"
+        not_after = self._not_after(intent, job)
+        if not_after is not None and self._clock.time() > not_after:
+            return "older than the job's catch_up when it could be sent"
         return None
 
     async def _send(self, intent: Intent, job: JobConfig | None) -> None:
@@ -212,9 +226,7 @@ class Starter:
         except (ApiUnavailable, BadResponse):
             await self._retry(intent)
             return
-        sent = await self._store.call(self._db.intent_sending, intent.id, req)
-        if sent is not None:
-            await self._post(sent, req)
+        await self._post(intent, req, self._not_after(intent, job))
 
     async def _request(self, intent: Intent, job: JobConfig | None) -> StartRequest:
         if intent.workflow_id is not None:
@@ -250,13 +262,34 @@ class Starter:
             refused=refused,
         )
 
-    async def _post(self, intent: Intent, req: StartRequest) -> None:
+    async def _post(self, intent: Intent, req: StartRequest, not_after: float | None) -> None:
+        sent: Intent | None = None
+
+        async def sending() -> None:
+            # Only now, with the budget's turn in hand: a start that never gets one is missed,
+            # not fired.
+            nonlocal sent
+            sent = await self._store.call(self._db.intent_sending, intent.id, req)
+            if sent is None:
+                raise _Settled
+
         try:
-            answer = await self._client.post("/v1/ciBuildRuns", request_body(req))
+            answer = await self._client.post(
+                "/v1/ciBuildRuns", request_body(req), not_after=not_after, before_send=sending
+            )
             data = answer.get("data")
             if not isinstance(data, dict):
                 raise BadResponse("App Store Connect accepted the build but sent no build run")
             run = BuildRun.parse(data)
+        except _Settled:
+            return
+        except TooLate:
+            if sent is None:
+                await self._store.call(self._db.intent_missed, intent.id, BUDGET_EXHAUSTED)
+            else:
+                # Its first try was refused (429) or never connected: nothing was created.
+                await self._fail(intent, f"no build run was created: {BUDGET_EXHAUSTED}")
+            return
         except AuthFailed:
             # Refused before anything was created: safe to send again once the key works,
             # which a person fixes at any moment: look again at least once a minute.
@@ -312,6 +345,7 @@ class Starter:
             created_at=run.created,
             start_reason=run.start_reason,
             progress=run.progress,
+            product_id=run.product_id,
         )
 
     async def _reconcile(self, intent: Intent, job: JobConfig | None) -> None:
@@ -393,6 +427,7 @@ class Starter:
         page = await self._client.get(
             f"/v1/ciWorkflows/{intent.workflow_id}/buildRuns",
             {"sort": "-number", "limit": str(RECONCILE_PAGE), "fields[ciBuildRuns]": RUN_FIELDS},
+            lane="start",
         )
         for _ in range(RECONCILE_PAGES):
             batch = runs_of(page)
@@ -402,7 +437,7 @@ class Starter:
             oldest = min((r.created for r in batch if r.created), default=None)
             if not isinstance(nxt, str) or not nxt or oldest is None or oldest < floor:
                 break
-            page = await self._client.get(nxt)
+            page = await self._client.get(nxt, lane="start")
         return runs
 
 

@@ -141,6 +141,14 @@ _MIGRATIONS: tuple[str, ...] = (
         stopped REAL
     );
     """,
+    # 4: a run's product (polls go per product) and the API's own start and end times (what
+    # the cadence learns each workflow's queue and run durations from).
+    """
+    ALTER TABLE runs ADD COLUMN product_id TEXT;
+    ALTER TABLE runs ADD COLUMN started_at TEXT;
+    ALTER TABLE runs ADD COLUMN ended_at TEXT;
+    CREATE INDEX runs_history ON runs (workflow_id, finished);
+    """,
 )
 
 
@@ -269,6 +277,9 @@ class RunRecord:
     completed_emitted: bool
     end_reason: str | None
     finished_at: float | None = None
+    product_id: str | None = None
+    started_at: str | None = None
+    ended_at: str | None = None
 
     @property
     def ref(self) -> BuildRef:
@@ -288,6 +299,41 @@ class NewRun:
     created_at: datetime | None
     start_reason: str | None = None
     progress: str | None = None
+    product_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Seen:
+    """A poll's news about a run still going; `started` (its event) is written once."""
+
+    run_id: str
+    number: int | None
+    progress: str
+    started: Event | None = None
+    product_id: str | None = None
+    started_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Ended:
+    """The watch on a run ends (completed, expired, gone), with its events."""
+
+    run_id: str
+    reason: str
+    events: Sequence[Event]
+    number: int | None = None
+    progress: str | None = None
+    completion_status: str | None = None
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Span:
+    """How long one finished run of a workflow queued and ran (from the API's dates)."""
+
+    queued_s: float | None
+    ran_s: float | None
 
 
 @dataclass(frozen=True)
@@ -828,45 +874,50 @@ class Store:
         """A run exists: the one writer of its `build.created` (and of its intent's end).
         False if the run was known before."""
         with self._tx() as c:
-            cur = c.execute(
-                "INSERT OR IGNORE INTO runs (run_id, number, workflow_id, job, origin, progress,"
-                " created_at, first_seen, created_emitted) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1)",
-                (
-                    run.run_id,
-                    run.number,
-                    run.workflow_id,
-                    run.job,
-                    run.origin,
-                    run.progress,
-                    iso(run.created_at) if run.created_at else None,
-                    iso(self._now()),
-                ),
+            return self._record(c, run, intent_id=intent_id, reconciled=reconciled)
+
+    def _record(
+        self, c: sqlite3.Connection, run: NewRun, *, intent_id: str | None, reconciled: bool
+    ) -> bool:
+        cur = c.execute(
+            "INSERT OR IGNORE INTO runs (run_id, number, workflow_id, job, origin, progress,"
+            " created_at, first_seen, created_emitted, product_id)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?)",
+            (
+                run.run_id,
+                run.number,
+                run.workflow_id,
+                run.job,
+                run.origin,
+                run.progress,
+                iso(run.created_at) if run.created_at else None,
+                iso(self._now()),
+                run.product_id,
+            ),
+        )
+        new = cur.rowcount == 1
+        # A reconciled candidate someone else recorded first is not ours to claim; the
+        # POST's own answer always is.
+        if intent_id is not None and (new or not reconciled):
+            c.execute(
+                "UPDATE intents SET state = 'done', run_id = ?, updated = ? WHERE id = ?",
+                (run.run_id, self._now().timestamp(), intent_id),
             )
-            new = cur.rowcount == 1
-            # A reconciled candidate someone else recorded first is not ours to claim; the
-            # POST's own answer always is.
-            if intent_id is not None and (new or not reconciled):
-                c.execute(
-                    "UPDATE intents SET state = 'done', run_id = ?, updated = ? WHERE id = ?",
-                    (run.run_id, self._now().timestamp(), intent_id),
-                )
-            if new:
-                ref = BuildRef(
-                    run.run_id, run.number, run.workflow_id, run.job, origin_of(run.origin)
-                )
-                self._append(
-                    c,
-                    [
-                        self.ev.make(
-                            "build.created",
-                            subject=run.run_id,
-                            build=ref,
-                            reconciled=reconciled,
-                            start_reason=run.start_reason,
-                        )
-                    ],
-                )
-            return new
+        if new:
+            ref = BuildRef(run.run_id, run.number, run.workflow_id, run.job, origin_of(run.origin))
+            self._append(
+                c,
+                [
+                    self.ev.make(
+                        "build.created",
+                        subject=run.run_id,
+                        build=ref,
+                        reconciled=reconciled,
+                        start_reason=run.start_reason,
+                    )
+                ],
+            )
+        return new
 
     def known_runs(self, run_ids: Sequence[str]) -> set[str]:
         if not run_ids:
@@ -886,19 +937,7 @@ class Store:
         started: Event | None,
     ) -> None:
         """A poll's news about a run still going; `started` is written once."""
-        with self._tx() as c:
-            c.execute(
-                "UPDATE runs SET number = coalesce(?, number), progress = ? WHERE run_id = ?"
-                " AND finished = 0",
-                (number, progress, run_id),
-            )
-            if started is not None:
-                cur = c.execute(
-                    "UPDATE runs SET started_emitted = 1 WHERE run_id = ? AND started_emitted = 0",
-                    (run_id,),
-                )
-                if cur.rowcount:
-                    self._append(c, [started])
+        self.write_round(seen=[Seen(run_id, number, progress, started)])
 
     def finish_run(
         self,
@@ -911,37 +950,84 @@ class Store:
         events: Sequence[Event],
     ) -> bool:
         """The watch on a run ends (completed, expired, gone), with its events, once."""
+        ended = Ended(run_id, reason, events, number, progress, completion_status)
+        return bool(self.write_round(ended=[ended]))
+
+    def write_round(
+        self,
+        *,
+        seen: Sequence[Seen] = (),
+        ended: Sequence[Ended] = (),
+        new: Sequence[NewRun] = (),
+        cursors: Sequence[tuple[str, int]] = (),
+    ) -> set[str]:
+        """What one poll round learned, in one transaction (one commit, one fsync, however
+        many runs a product's list showed). Returns the ids of the runs whose watch ended
+        here (an end already on record is not written twice); new runs have no intent."""
         with self._tx() as c:
+            for run in new:
+                self._record(c, run, intent_id=None, reconciled=False)
+            for s in seen:
+                self._observe(c, s)
+            done = {e.run_id for e in ended if self._finish(c, e)}
+            for workflow_id, highest in cursors:
+                self._cursor(c, workflow_id, highest)
+            return done
+
+    def _observe(self, c: sqlite3.Connection, s: Seen) -> None:
+        c.execute(
+            "UPDATE runs SET number = coalesce(?, number), progress = ?,"
+            " product_id = coalesce(?, product_id), started_at = coalesce(?, started_at)"
+            " WHERE run_id = ? AND finished = 0",
+            (
+                s.number,
+                s.progress,
+                s.product_id,
+                iso(s.started_at) if s.started_at else None,
+                s.run_id,
+            ),
+        )
+        if s.started is not None:
             cur = c.execute(
-                "UPDATE runs SET number = coalesce(?, number), progress = coalesce(?, progress),"
-                " completion_status = ?, finished = 1, end_reason = ?, finished_at = ?,"
-                " completed_emitted = ? WHERE run_id = ? AND finished = 0",
-                (
-                    number,
-                    progress,
-                    completion_status,
-                    reason,
-                    self._now().timestamp(),
-                    int(reason == "completed"),
-                    run_id,
-                ),
+                "UPDATE runs SET started_emitted = 1 WHERE run_id = ? AND started_emitted = 0",
+                (s.run_id,),
             )
-            if not cur.rowcount:
-                return False
-            for given in events:
-                event = given
-                if event.name == "build.completed":
-                    event = self._with_previous(c, run_id, event)
-                if event.name == "build.started":
-                    started = c.execute(
-                        "UPDATE runs SET started_emitted = 1 WHERE run_id = ?"
-                        " AND started_emitted = 0",
-                        (run_id,),
-                    )
-                    if not started.rowcount:
-                        continue
-                self._append(c, [event])
-            return True
+            if cur.rowcount:
+                self._append(c, [s.started])
+
+    def _finish(self, c: sqlite3.Connection, e: Ended) -> bool:
+        cur = c.execute(
+            "UPDATE runs SET number = coalesce(?, number), progress = coalesce(?, progress),"
+            " completion_status = ?, finished = 1, end_reason = ?, finished_at = ?,"
+            " completed_emitted = ?, started_at = coalesce(?, started_at), ended_at = ?"
+            " WHERE run_id = ? AND finished = 0",
+            (
+                e.number,
+                e.progress,
+                e.completion_status,
+                e.reason,
+                self._now().timestamp(),
+                int(e.reason == "completed"),
+                iso(e.started_at) if e.started_at else None,
+                iso(e.ended_at) if e.ended_at else None,
+                e.run_id,
+            ),
+        )
+        if not cur.rowcount:
+            return False
+        for given in e.events:
+            event = given
+            if event.name == "build.completed":
+                event = self._with_previous(c, e.run_id, event)
+            if event.name == "build.started":
+                started = c.execute(
+                    "UPDATE runs SET started_emitted = 1 WHERE run_id = ? AND started_emitted = 0",
+                    (e.run_id,),
+                )
+                if not started.rowcount:
+                    continue
+            self._append(c, [event])
+        return True
 
     def _with_previous(self, c: sqlite3.Connection, run_id: str, event: Event) -> Event:
         """`previous_result`: how the build before this one of the same job (of the same
@@ -993,11 +1079,48 @@ class Store:
 
     def set_cursor(self, workflow_id: str, highest_number: int) -> None:
         with self._tx() as c:
-            c.execute(
-                "INSERT INTO cursors VALUES (?, ?) ON CONFLICT(workflow_id) DO UPDATE SET"
-                " highest_number = max(highest_number, excluded.highest_number)",
-                (workflow_id, highest_number),
-            )
+            self._cursor(c, workflow_id, highest_number)
+
+    def _cursor(self, c: sqlite3.Connection, workflow_id: str, highest_number: int) -> None:
+        c.execute(
+            "INSERT INTO cursors VALUES (?, ?) ON CONFLICT(workflow_id) DO UPDATE SET"
+            " highest_number = max(highest_number, excluded.highest_number)",
+            (workflow_id, highest_number),
+        )
+
+    def cursors(self, workflow_ids: Sequence[str]) -> dict[str, int]:
+        if not workflow_ids:
+            return {}
+        marks = ",".join("?" * len(workflow_ids))
+        rows = self._conn.execute(
+            f"SELECT workflow_id, highest_number FROM cursors WHERE workflow_id IN ({marks})",
+            tuple(workflow_ids),
+        ).fetchall()
+        return {r[0]: int(r[1]) for r in rows}
+
+    # --- history -----------------------------------------------------------------------------
+
+    def spans(self, per_workflow: int = 50) -> dict[str, list[Span]]:
+        """The newest completed runs of each workflow: how long each queued and ran."""
+        rows = self._conn.execute(
+            "SELECT workflow_id, created_at, started_at, ended_at FROM ("
+            " SELECT workflow_id, created_at, started_at, ended_at, row_number() OVER"
+            " (PARTITION BY workflow_id ORDER BY finished_at DESC) AS n FROM runs"
+            " WHERE finished = 1 AND end_reason = 'completed' AND ended_at IS NOT NULL)"
+            " WHERE n <= ?",
+            (per_workflow,),
+        ).fetchall()
+        out: dict[str, list[Span]] = {}
+        for workflow_id, created, started, ended in rows:
+            out.setdefault(workflow_id, []).append(_span(created, started, ended))
+        return out
+
+    def workflow_products(self) -> dict[str, str]:
+        """Which product each workflow seen so far belongs to."""
+        rows = self._conn.execute(
+            "SELECT DISTINCT workflow_id, product_id FROM runs WHERE product_id IS NOT NULL"
+        ).fetchall()
+        return {r[0]: r[1] for r in rows}
 
     # --- outbox ----------------------------------------------------------------------------
 
@@ -1144,6 +1267,13 @@ def requested_fields(intent: Intent, target: StartRequest) -> dict[str, Any]:
         "clean": target.clean,
         "origin": origin_of(intent.origin),
     }
+
+
+def _span(created: str | None, started: str | None, ended: str | None) -> Span:
+    c, s, e = (parse_iso(x) if x else None for x in (created, started, ended))
+    queued = (s - c).total_seconds() if c and s else None
+    ran = (e - s).total_seconds() if s and e else None
+    return Span(queued, ran)
 
 
 def _run(row: sqlite3.Row) -> RunRecord:

@@ -79,8 +79,12 @@ class Simulator:
         clean: bool | None = None,
         start_reason: str | None = None,
         outcome: str | None = None,
+        pending_s: float | None = None,
+        running_s: float | None = None,
     ) -> BuildRun:
-        """Validate like Apple (409 ApiError with a JSON pointer) and create a run."""
+        """Validate like Apple (409 ApiError with a JSON pointer) and create a run.
+        `pending_s`/`running_s` override the workflow's timeline for this run (benchmarks give
+        each build its own durations)."""
         s = self.scenario
         if workflow_id is None:
             raise entity_error(
@@ -205,8 +209,8 @@ class Simulator:
             workflow_id=workflow.id,
             product_id=workflow.product_id,
             created_at=self.clock.time(),
-            pending_s=workflow.behaviour.pending_s,
-            running_s=workflow.behaviour.running_s,
+            pending_s=workflow.behaviour.pending_s if pending_s is None else pending_s,
+            running_s=workflow.behaviour.running_s if running_s is None else running_s,
             outcome=outcome or self.runs.next_outcome(workflow),
             start_reason=reason,
             clean=workflow.clean if clean is None else clean,
@@ -232,6 +236,8 @@ class Simulator:
         start_reason: str = "GIT_REF_CHANGE",
         pull_request_id: str | None = None,
         outcome: str | None = None,
+        pending_s: float | None = None,
+        running_s: float | None = None,
     ) -> BuildRun:
         """Start a build behind the client's back, as a push or a person in Xcode would."""
         return self.create_run(
@@ -240,6 +246,8 @@ class Simulator:
             pull_request_id=pull_request_id,
             start_reason=start_reason,
             outcome=outcome,
+            pending_s=pending_s,
+            running_s=running_s,
         )
 
     def app(self) -> web.Application:

@@ -143,6 +143,12 @@ class RunStore:
         self._by_product: dict[str, list[BuildRun]] = {}
         self._outcome_turn: dict[str, int] = {}
         self._actions: dict[str, tuple[BuildRun, int]] = {}
+        self._deleted: set[str] = set()
+
+    def delete(self, run_id: str) -> None:
+        """The run is gone from App Store Connect (its product or workflow was removed): the
+        API answers 404 for it and no list shows it. Its number is not given out again."""
+        self._deleted.add(run_id)
 
     def next_number(self, product_id: str) -> int:
         return len(self._by_product.get(product_id, ())) + 1
@@ -162,18 +168,22 @@ class RunStore:
 
     def action(self, action_id: str) -> tuple[BuildRun, int] | None:
         """A build action as (its run, its position in the run)."""
-        return self._actions.get(action_id)
+        found = self._actions.get(action_id)
+        return None if found is None or found[0].id in self._deleted else found
 
     def get(self, run_id: str) -> BuildRun | None:
-        return self._runs.get(run_id)
+        return None if run_id in self._deleted else self._runs.get(run_id)
 
     def of_workflow(self, workflow_id: str) -> tuple[BuildRun, ...]:
-        return tuple(self._by_workflow.get(workflow_id, ()))
+        runs = self._by_workflow.get(workflow_id, ())
+        return tuple(r for r in runs if r.id not in self._deleted)
 
     def of_product(self, product_id: str) -> tuple[BuildRun, ...]:
-        return tuple(self._by_product.get(product_id, ()))
+        runs = self._by_product.get(product_id, ())
+        return tuple(r for r in runs if r.id not in self._deleted)
 
     def all(self) -> tuple[BuildRun, ...]:
+        """Every run ever created, deleted ones included (the ground truth)."""
         return tuple(self._runs.values())
 
     def __len__(self) -> int:
