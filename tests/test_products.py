@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import itertools
 import random
 import re
 from collections import Counter
@@ -44,12 +45,18 @@ def scenario(pending_s: float, running_s: float) -> dict[str, object]:
 
 @asynccontextmanager
 async def following(
-    tmp_path: Path, pending_s: float, running_s: float, polling: str, seed: int = 1
+    tmp_path: Path,
+    pending_s: float,
+    running_s: float,
+    polling: str,
+    *,
+    seed: int = 1,
+    rate_limit: int | None = None,
 ) -> AsyncIterator[tuple[SteppingClock, RunningSimulator, Runtime, CollectingSink, Follower]]:
     clock = SteppingClock(FakeClock().time())
     world = scenario_from_dict(scenario(pending_s, running_s), "products")
     async with (
-        checked_simulator(clock, scenario=world) as sim,
+        checked_simulator(clock, scenario=world, rate_limit=rate_limit) as sim,
         runtime(sim, tmp_path, clock, f"[polling]\n{polling}\n") as (rt, sink),
     ):
         follower = Follower(
@@ -211,3 +218,20 @@ async def remember(
 
 def stamp(event: dict[str, object]) -> float:
     return datetime.fromisoformat(str(event["timestamp"]).replace("Z", "+00:00")).timestamp()
+
+
+async def test_looks_are_never_more_often_than_the_budget_pays_for(tmp_path: Path) -> None:
+    """450 runs of one product (three pages a look) on a key allowed 360 requests an hour: at
+    80% of it, and 80% of that for polls, a look every 47 s, however eager the cadence."""
+    polling = 'interval = "5s"\nmin_interval = "5s"\nmax_interval = "5m"'
+    async with following(tmp_path, 1, 3600, polling, rate_limit=360) as (clock, sim, rt, sink, f):
+        workflow = sim.sim.scenario.workflow_named("CI").id
+        runs = [sim.sim.start_run(workflow) for _ in range(450)]
+        await follow(rt, runs)
+        await step_through(clock, rt, f, 600, step=1.0)
+    looks = sorted({t for t, _ in gets(sim, LIST)})
+    assert len(looks) >= 5
+    gaps = [b - a for a, b in itertools.pairwise(looks[1:])]
+    assert min(gaps) >= 0.9 * 3 / (0.8 * 0.8 * 360 / 3600), gaps
+    assert not [e for e in sink.records if e["event"] == "api.throttled"]
+    assert all(e.status == 200 for e in sim.sim.traffic.entries)

@@ -176,6 +176,8 @@ SKIP: dict[str, str] = {
     r"^(docker|podman|kubectl|helm) ": "needs a container runtime or a cluster",
     r"^(promtool|otelcol|grafana-cli) ": "needs the monitoring tool installed and configured",
     r"^openssl ": "makes a secret for a real deployment",
+    r"^\.venv/bin/python bench/": "a full benchmark takes minutes; tests/test_bench.py runs the"
+    " --smoke version of each",
 }
 
 
@@ -449,6 +451,13 @@ def run_workflows(world: World, command: str) -> None:
     assert "UI Tests" in out
 
 
+def run_help(world: World, command: str) -> None:
+    out = _ok(world.once(command))
+    assert "usage: xcloudd" in out
+    for subcommand in ("run", "start", "status", "workflows", "check"):
+        assert subcommand in out
+
+
 def run_start(world: World, command: str) -> None:
     ensure_store(world)
     # The test config's JOB is the README's nightly-main: the simulator's CI, which succeeds.
@@ -515,6 +524,7 @@ def run_simulator(world: World, command: str) -> None:
 
 RUN: dict[str, Callable[[World, str], None]] = {
     r"^xcloudd run$": run_daemon,
+    r"^xcloudd --help$": run_help,
     r"^curl -s http://127\.0\.0\.1:9464/metrics ": run_metrics,
     r"^xcloudd check( |$)": run_check,
     r"^xcloudd workflows( |$)": run_workflows,

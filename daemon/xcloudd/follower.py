@@ -99,6 +99,7 @@ class _Product:
     polling: bool = False
     failures: int = 0
     poked: float = float("-inf")
+    cost: int = 1  # requests its last look took (pages of the list)
 
 
 def _seconds(a: datetime | None, b: datetime | None) -> float | None:
@@ -255,10 +256,11 @@ class Follower:
 
     def _set_floor(self) -> None:
         """The shortest gap between looks at one product that the budget pays for, with every
-        product looked at that often."""
+        product looked at that often (a look costs a request per page it reads)."""
         limit = self._client.budget.rate_limit.limit
         per_second = POLL_SHARE * self._polling.budget * limit / 3600.0
-        self.cadence.floor = len(self._products) / per_second if per_second > 0 else 0.0
+        cost = sum(p.cost for p in self._products.values())
+        self.cadence.floor = cost / per_second if per_second > 0 else 0.0
 
     def _push(self, kind: Kind, key: str, at: float) -> None:
         heapq.heappush(self._due, (at, next(self._seq), kind, key))
@@ -497,6 +499,7 @@ class Follower:
         ]
         asked = product.discover_at
         listing = await self._read(product.id, followed, discover_from)
+        product.cost = listing.pages
         now = self._clock.monotonic()
         seen: list[Seen] = []
         ended: list[Ended] = []

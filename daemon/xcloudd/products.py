@@ -33,11 +33,13 @@ class Listing:
     top: int | None = None  # the highest build number listed
     lowest: int | None = None  # the lowest build number listed
     complete: bool = False  # the list ended: no run older than `lowest` exists
+    pages: int = 0  # requests it took
 
     def add(self, page: JSON) -> list[BuildRun]:
         data = page.get("data")
         if not isinstance(data, list):
             raise BadResponse("App Store Connect sent a build run list without data")
+        self.pages += 1
         batch: list[BuildRun] = []
         for item in data:
             if not isinstance(item, dict):
