@@ -580,3 +580,21 @@ async def test_a_run_gone_while_the_store_is_full_is_ended_once_space_returns(
     (ended,) = world.events("build.watch_ended")
     assert (ended["build_run_id"], ended["reason"]) == (gone[0], "not_found")
     assert world.status()["in_flight"] == []
+
+
+async def test_a_watch_whose_lookup_is_refused_retries_slowly(world: World) -> None:
+    """App Store Connect down at start-up leaves a watch unresolved; when it comes back and
+    refuses the workflow's lookup (a key whose role cannot see that app), the watch asks again
+    with backoff, not back to back in the budget's start lane."""
+    wf = world.workflow_id("CI")
+    path = f"/v1/ciWorkflows/{wf}"
+    world.sim.sim.faults.add(Fault(method="GET", path=path, status=503, times=8))
+    world.sim.sim.faults.add(Fault(method="GET", path=path, status=401, times=None))
+    config = world.configure(
+        f'[[watches]]\nworkflow = "{wf}"\n\n', polling='interval = "30s"\nmin_interval = "5s"'
+    )
+    await world.run(config, T0 + timedelta(minutes=10))
+    lookups = [e for e in world.sim.sim.traffic.entries if e.path == path]
+    # Backing off from 30 s toward 5 minutes: a handful of tries in 10 minutes, each one a
+    # second request with a fresh token after the 401.
+    assert 2 <= len(lookups) <= 2 * 12, len(lookups)

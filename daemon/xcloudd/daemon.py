@@ -218,19 +218,21 @@ class Daemon:
         discover its runs in its product's looks for as long as the watch is configured."""
         rt = self._rt
         failures = 0
-        while watch.workflow is None or watch.workflow.product_id is None:
-            try:
+        while True:
+            with contextlib.suppress(ApiUnavailable, ApiError, BadResponse):
+                # The client has reported what went wrong (a refused key included).
                 await self._resolve_watch(watch, at_start=False)
-                if watch.workflow is not None and watch.workflow.product_id is None:
-                    watch.workflow = None  # App Store Connect did not say: ask again
-                    raise BadResponse("App Store Connect did not name the workflow's product")
-            except (ApiUnavailable, ApiError, BadResponse):
-                failures += 1  # the client has reported it; try again, more slowly
-                delay = rt.config.polling.interval
-                cap = min(WATCH_RETRY_MAX_S, delay * 2 ** min(failures, 8))
-                await rt.clock.sleep(self._rng.uniform(delay, max(delay, cap)))
-        workflow_id = watch.workflow.id
-        self.follower.watch(workflow_id, watch.workflow.product_id)
+            workflow = watch.workflow
+            if workflow is not None and workflow.product_id is not None:
+                break
+            # Not resolved (an outage, a refused key, no product named): again, more slowly.
+            watch.workflow = None
+            failures += 1
+            delay = rt.config.polling.interval
+            cap = min(WATCH_RETRY_MAX_S, delay * 2 ** min(failures, 8))
+            await rt.clock.sleep(self._rng.uniform(delay, max(delay, cap)))
+        workflow_id = workflow.id
+        self.follower.watch(workflow_id, workflow.product_id)
         try:
             await asyncio.Event().wait()
         finally:
