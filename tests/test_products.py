@@ -235,3 +235,28 @@ async def test_looks_are_never_more_often_than_the_budget_pays_for(tmp_path: Pat
     assert min(gaps) >= 0.9 * 3 / (0.8 * 0.8 * 360 / 3600), gaps
     assert not [e for e in sink.records if e["event"] == "api.throttled"]
     assert all(e.status == 200 for e in sim.sim.traffic.entries)
+
+
+async def test_a_watched_run_behind_many_runs_of_a_busy_sibling_is_discovered(
+    tmp_path: Path,
+) -> None:
+    """Discovery reads the product's list down to where it last looked, however many runs of
+    other workflows came in between (here ten pages of them)."""
+    polling = 'interval = "30s"\nmin_interval = "5s"\nmax_interval = "5m"'
+    async with following(tmp_path, 30000, 30000, polling) as (clock, sim, rt, sink, f):
+        scenario = sim.sim.scenario
+        watched = scenario.workflow_named("Nightly").id
+        busy = scenario.workflow_named("CI").id
+        await rt.store.call(rt.store.sync.set_cursor, watched, 0)  # it looked before any run
+        mine = sim.sim.start_run(watched)
+        for _ in range(2100):
+            sim.sim.start_run(busy)
+        f.watch(watched, scenario.products[0].id)
+        await step_through(clock, rt, f, 60, step=2.0)
+        cursor = await rt.store.call(rt.store.sync.cursor, watched)
+    created = [e["build_run_id"] for e in sink.records if e["event"] == "build.created"]
+    assert created == [mine.id]
+    assert cursor == 2101
+    first, *later = sorted(Counter(t for t, _ in gets(sim, LIST)).items())
+    assert first[1] == 11, "the first look did not read the list down to the cursor"
+    assert all(pages == 1 for _, pages in later), "later looks paged down again"

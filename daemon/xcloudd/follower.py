@@ -37,9 +37,10 @@ from xcloudd.cadence import Cadence, History, Wait
 from xcloudd.clock import Clock, sleep_or, wait_first
 from xcloudd.config import PollingConfig
 from xcloudd.discovery import Discovery
+from xcloudd.errors import XcloudError
 from xcloudd.events import RESULTS, BuildRef, Event, EventFactory, EventName
 from xcloudd.notify import Heartbeats
-from xcloudd.products import ContextRefused, Listing, read_product
+from xcloudd.products import MAX_PAGES, ContextRefused, Listing, read_product
 from xcloudd.resources import RUN_CONTEXT, RUN_FIELDS, BuildRun, run_context
 from xcloudd.store import Ended, NewRun, RunRecord, Seen, Span, parse_iso
 
@@ -523,6 +524,18 @@ class Follower:
         new: list[NewRun] = []
         moves: list[tuple[str, int]] = []
         if watched:
+            if listing.short_of(discover_from):
+                # Said once per streak; the cursor moves on all the same, or every look would
+                # page as deep again and never get further.
+                self._report(
+                    f"discover {product.id}",
+                    XcloudError(
+                        f"runs of product {product.id} between #{discover_from} and"
+                        f" #{listing.lowest} were not looked at: more than {MAX_PAGES} pages of"
+                        " new runs since the last look; new runs of watched workflows among"
+                        " them are not reported"
+                    ),
+                )
             new, moves = await self._discovery.take(product.id, watched, cursors, listing)
             if product.discover_at == asked:  # else a hint asked for another look meanwhile
                 product.discover_at = now + self.cadence.discovery_gap(now)

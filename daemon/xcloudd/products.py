@@ -16,11 +16,8 @@ from xcloudd.api import JSON, ApiError, AscClient, BadResponse
 from xcloudd.resources import RUN_CONTEXT, RUN_FIELDS, BuildRun, run_context
 
 PAGE = 200
-# Discovery pages this deep at most after a long absence (2,000 runs); older new runs are lost
-# to it, as they were with a workflow's own list.
-DISCOVERY_PAGES = 10
-# However it is asked, no read goes deeper than this: a server whose `next` links never end
-# must not hold the follower.
+# However it is asked, no read goes deeper than this (12,000 runs: discovery after a long
+# absence of a busy product): a server whose `next` links never end must not hold the follower.
 MAX_PAGES = 60
 
 
@@ -34,6 +31,12 @@ class Listing:
     lowest: int | None = None  # the lowest build number listed
     complete: bool = False  # the list ended: no run older than `lowest` exists
     pages: int = 0  # requests it took
+
+    def short_of(self, number: int | None) -> bool:
+        """Whether runs numbered above `number` may exist that this read did not list."""
+        if number is None or self.complete:
+            return False
+        return self.lowest is None or self.lowest > number + 1
 
     def add(self, page: JSON) -> list[BuildRun]:
         data = page.get("data")
@@ -91,21 +94,18 @@ async def read_product(
         raise
     listing = Listing()
     seen: set[str] = set()
-    for pages in range(1, MAX_PAGES + 1):
+    while True:
         listing.add(page)
         links = page.get("links")
         nxt = links.get("next") if isinstance(links, dict) else None
         if not isinstance(nxt, str) or not nxt:
             listing.complete = True
-            break
+            return listing
         lowest = listing.lowest
-        if lowest is None or nxt in seen:
-            break
-        discovering = (
-            discover_from is not None and lowest > discover_from + 1 and pages < DISCOVERY_PAGES
-        )
+        if lowest is None or nxt in seen or listing.pages >= MAX_PAGES:
+            return listing
+        discovering = discover_from is not None and lowest > discover_from + 1
         if not discovering and not worth_another_page(lowest, followed):
-            break
+            return listing
         seen.add(nxt)
         page = await client.get(nxt, share=product_id)
-    return listing
