@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from conftest import SteppingClock
 from test_core import CollectingSink, checked_simulator, runtime, until
@@ -260,3 +261,58 @@ async def test_a_watched_run_behind_many_runs_of_a_busy_sibling_is_discovered(
     first, *later = sorted(Counter(t for t, _ in gets(sim, LIST)).items())
     assert first[1] == 11, "the first look did not read the list down to the cursor"
     assert all(pages == 1 for _, pages in later), "later looks paged down again"
+
+
+async def test_a_webhook_during_a_look_gets_a_look_of_its_own(tmp_path: Path) -> None:
+    """A new run's BUILD_CREATED arrives while a look at its product is under way, after the
+    list was read: another look follows at once, not a whole gap (5 minutes while webhooks
+    arrive) later."""
+    polling = 'interval = "30s"\nmin_interval = "5s"\nmax_interval = "5m"'
+    async with following(tmp_path, 3000, 3000, polling) as (clock, sim, rt, sink, f):
+        workflow = sim.sim.scenario.workflow_named("CI").id
+        f.watch(workflow, sim.sim.scenario.products[0].id)
+        f.cadence.webhook(clock.monotonic())
+        read = f._read
+        hinted: dict[str, float | str] = {}
+
+        async def read_then_hint(*args: Any, **kwargs: Any) -> Any:
+            listing = await read(*args, **kwargs)
+            if not hinted and clock.time() > 0:
+                run = sim.sim.start_run(workflow)  # created just after the list was read
+                hinted.update(id=run.id, at=clock.time())
+                assert f.hint(run.id, workflow, "BUILD_CREATED")
+            return listing
+
+        f._read = read_then_hint  # type: ignore[method-assign]
+        await step_through(clock, rt, f, 400)
+    (created,) = [e for e in sink.records if e["event"] == "build.created"]
+    assert created["build_run_id"] == hinted["id"]
+    assert stamp(created) - float(hinted["at"]) <= 5
+
+
+async def test_a_started_webhook_during_the_runs_own_get_is_not_lost(tmp_path: Path) -> None:
+    """A run the list does not reach is read by a GET of its own; its BUILD_STARTED arriving
+    while that GET is under way brings the next look forward all the same."""
+    polling = 'interval = "30s"\nmin_interval = "5s"\nmax_interval = "5m"'
+    async with following(tmp_path, 30000, 30000, polling) as (clock, sim, rt, sink, f):
+        workflow = sim.sim.scenario.workflow_named("CI").id
+        old = sim.sim.start_run(workflow)
+        for _ in range(1000):
+            sim.sim.start_run(workflow)  # five pages of newer runs: `old` gets its own GETs
+        await follow(rt, [old])
+        get_run = f._get_run
+        hinted: dict[str, float] = {}
+
+        async def get_then_start(run_id: str, share: str | None) -> dict[str, Any]:
+            doc = await get_run(run_id, share)
+            if not hinted and clock.time() > old.created_at + 20:
+                # The build starts just after this answer; its webhook arrives now.
+                object.__setattr__(old, "pending_s", clock.time() - old.created_at)
+                hinted["at"] = clock.time()
+                assert f.hint(old.id, workflow, "BUILD_STARTED")
+            return doc
+
+        f._get_run = get_then_start  # type: ignore[method-assign]
+        await step_through(clock, rt, f, 400)
+    (started,) = [e for e in sink.records if e["event"] == "build.started"]
+    assert stamp(started) - hinted["at"] <= 10

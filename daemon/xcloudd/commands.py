@@ -16,7 +16,7 @@ from xcloudd.console import plural
 from xcloudd.deadline import Deadline, guarded, paused
 from xcloudd.durations import format_duration
 from xcloudd.errors import ConfigError, ExitCode, UsageError
-from xcloudd.follower import Follower
+from xcloudd.follower import RESCAN_S, Follower
 from xcloudd.resolve import ResolveError, Resolver
 from xcloudd.resources import RUN_FIELDS, BuildRun
 from xcloudd.runtime import Runtime
@@ -58,7 +58,11 @@ async def follow(rt: Runtime, run_id: str) -> ExitCode:
             if rec is None or rec.finished:
                 return outcome_code(rec)
             waiter = asyncio.create_task(token.wait())
-            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            # Real time: a daemon on the same store may end the watch; no change of this
+            # process's store tells of that.
+            await asyncio.wait(
+                {task, waiter}, timeout=RESCAN_S, return_when=asyncio.FIRST_COMPLETED
+            )
             waiter.cancel()
             if task.done():
                 task.result()

@@ -76,6 +76,7 @@ class _Tracked:
     repoll: bool = False
     failures: int = 0
     poked: float = float("-inf")  # when a hint last brought a look forward
+    hinted: int = 0  # hints taken: one during a look asks for another after it
 
     @property
     def run_id(self) -> str:
@@ -100,6 +101,7 @@ class _Product:
     polling: bool = False
     failures: int = 0
     poked: float = float("-inf")
+    hinted: int = 0
     cost: int = 1  # requests its last look took (pages of the list)
 
 
@@ -137,6 +139,7 @@ class Follower:
         self._runs: dict[str, _Tracked] = {}
         self._products: dict[str, _Product] = {}
         self._workflow_products: dict[str, str] = {}
+        self._watches: dict[str, int] = {}  # watched workflow -> how many watches name it
         # Runs whose watch ended lately (a late webhook about one is no news).
         self._ended: dict[str, None] = {}
         self._due: list[tuple[float, int, Kind, str]] = []
@@ -166,7 +169,9 @@ class Follower:
     # --- what to look at ---------------------------------------------------------------------
 
     def watch(self, workflow_id: str, product_id: str) -> None:
-        """Discover new runs of this workflow, in its product's looks."""
+        """Discover new runs of this workflow, in its product's looks (until as many unwatch
+        calls: two watches in the config may name one workflow, by name and by id)."""
+        self._watches[workflow_id] = self._watches.get(workflow_id, 0) + 1
         self._workflow_products[workflow_id] = product_id
         product = self._product(product_id)
         if workflow_id not in product.watched:
@@ -175,6 +180,10 @@ class Follower:
             self._plan(product)
 
     def unwatch(self, workflow_id: str) -> None:
+        left = self._watches.pop(workflow_id, 0) - 1
+        if left > 0:
+            self._watches[workflow_id] = left
+            return
         for product in self._products.values():
             product.watched.discard(workflow_id)
         self._forget_idle()
@@ -212,6 +221,7 @@ class Follower:
         if product.poked < now:
             at = max(now, product.poked + self._polling.min_interval)
             product.poked = at
+            product.hinted += 1
             product.discover_at = min(product.discover_at, at)
             self._plan(product)
         return True
@@ -222,6 +232,12 @@ class Follower:
             return
         at = max(now, tracked.poked + self._polling.min_interval)
         tracked.poked = at
+        tracked.hinted += 1
+        if tracked.polling:
+            return  # its own GET is under way: when it ends, it plans the look (see _poll)
+        if tracked.single_due is not None:
+            self._single(tracked, at)  # it is out of its product's looks: its own GET, sooner
+            return
         tracked.need = min(tracked.need, at)
         product = self._products.get(tracked.product_id)
         if product is not None:
@@ -239,6 +255,7 @@ class Follower:
             return True  # a look brought forward by an earlier hint is still to come
         at = max(now, tracked.poked + self._polling.min_interval)
         tracked.poked = at
+        tracked.hinted += 1
         tracked.confirm = True
         self._single(tracked, at)
         return True
@@ -449,9 +466,10 @@ class Follower:
         began = self._clock.monotonic()
         self._set_floor()  # the key's limit may have changed (X-Rate-Limit)
         runs = [self._runs[r] for r in product.runs if r in self._runs]
+        hinted = {t.run_id: t.hinted for t in runs}
         try:
             try:
-                await self._look_once(product, runs)
+                await self._look_once(product, runs, product.hinted)
                 product.failures = 0
                 product.not_before = 0.0
             except (AuthFailed, ApiUnavailable, BadResponse) as exc:
@@ -477,7 +495,8 @@ class Follower:
             for tracked in runs:
                 if tracked.run_id in self._runs:
                     tracked.need = began + self._gap(tracked)
-                    if tracked.poked > began:  # a hint during this look asks for another
+                    if tracked.hinted != hinted[tracked.run_id]:
+                        # A hint during this look (after its read, maybe) asks for another.
                         tracked.need = min(tracked.need, tracked.poked)
             self._plan(product)
 
@@ -489,7 +508,7 @@ class Follower:
         backoff = min(self._polling.max_interval, base * 2 ** min(product.failures - 1, 10))
         product.not_before = self._clock.monotonic() + self._rng.uniform(0.5, 1.0) * backoff
 
-    async def _look_once(self, product: _Product, runs: list[_Tracked]) -> None:
+    async def _look_once(self, product: _Product, runs: list[_Tracked], hinted: int) -> None:
         cursors: dict[str, int] = {}
         discover_from: int | None = None
         watched = set(product.watched)
@@ -498,7 +517,6 @@ class Follower:
         followed = [
             t.ref.build_number for t in runs if t.ref.build_number is not None and not t.polling
         ]
-        asked = product.discover_at
         listing = await self._read(product.id, followed, discover_from)
         product.cost = listing.pages
         now = self._clock.monotonic()
@@ -510,8 +528,9 @@ class Follower:
                 continue
             run = listing.runs.get(tracked.run_id)
             if run is None:
-                # Older than the list reached, or missing from it: a GET of its own tells.
-                self._single(tracked, now)
+                # Older than the list reached, or missing from it: a GET of its own tells,
+                # when the run itself wants a look (another run may have asked for this one).
+                self._single(tracked, max(now, tracked.need))
                 continue
             tracked.context = listing.contexts.get(run.id, tracked.context)
             if run.progress == "COMPLETE":
@@ -537,8 +556,9 @@ class Follower:
                     ),
                 )
             new, moves = await self._discovery.take(product.id, watched, cursors, listing)
-            if product.discover_at == asked:  # else a hint asked for another look meanwhile
-                product.discover_at = now + self.cadence.discovery_gap(now)
+            product.discover_at = now + self.cadence.discovery_gap(now)
+            if product.hinted != hinted:  # a hint during this look asks for another
+                product.discover_at = min(product.discover_at, product.poked)
         finished = await self._store.call(
             self._db.write_round, seen=seen, ended=ended, new=new, cursors=moves
         )
@@ -586,6 +606,7 @@ class Follower:
 
     async def _poll(self, tracked: _Tracked) -> None:
         run_id = tracked.run_id
+        hinted = tracked.hinted
         confirm, tracked.confirm = tracked.confirm, False
         try:
             try:
@@ -606,10 +627,14 @@ class Follower:
             self._single(tracked, now)
         elif tracked.single_due is not None:
             pass  # a hint during this GET planned the next one
+        elif tracked.hinted != hinted and (tracked.failures or tracked.product_id is None):
+            self._single(tracked, tracked.poked)  # a hint during this GET asks for another
         elif tracked.failures or tracked.product_id is None:
             self._single(tracked, now + self._backoff(tracked))
         else:
             tracked.need = now + self._gap(tracked)
+            if tracked.hinted != hinted:  # a hint during this GET asks for another look
+                tracked.need = min(tracked.need, tracked.poked)
             self._join(tracked, tracked.product_id)
 
     def _backoff(self, tracked: _Tracked) -> float:
@@ -662,7 +687,8 @@ class Follower:
             tracked.context = run_context(doc, data) or tracked.context
         if run.id != run_id:
             raise BadResponse(f"App Store Connect answered for {run.id} when asked for {run_id}")
-        if run.product_id is not None and tracked.product_id is None:
+        learned = run.product_id is not None and tracked.product_id is None
+        if learned:
             tracked.product_id = run.product_id
         seen: list[Seen] = []
         ended: list[Ended] = []
@@ -674,7 +700,7 @@ class Follower:
             done[run_id] = (tracked, run)
         else:
             news = self._news(tracked, run)
-            if news is None and tracked.product_id is not None and run.product_id:
+            if news is None and learned:
                 # Nothing new, but the store learns the run's product (for the next start-up).
                 news = Seen(run_id, run.number, run.progress, product_id=run.product_id)
             if news is not None:
@@ -738,6 +764,8 @@ class Follower:
 
     def _news(self, tracked: _Tracked, run: BuildRun) -> Seen | None:
         """What a run still going has that the store does not have yet."""
+        if tracked.progress == "RUNNING" and run.progress == "PENDING":
+            return None  # an answer older than one already taken in
         ref = self._ref(tracked, run)
         started = None
         if run.started is not None and not tracked.started_recorded:

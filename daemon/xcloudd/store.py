@@ -988,8 +988,10 @@ class Store:
             ),
         )
         if s.started is not None:
+            # Not for a run whose watch ended meanwhile (an older answer than its end's).
             cur = c.execute(
-                "UPDATE runs SET started_emitted = 1 WHERE run_id = ? AND started_emitted = 0",
+                "UPDATE runs SET started_emitted = 1 WHERE run_id = ? AND started_emitted = 0"
+                " AND finished = 0",
                 (s.run_id,),
             )
             if cur.rowcount:
