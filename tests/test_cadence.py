@@ -93,3 +93,16 @@ def test_jitter_keeps_daemons_on_one_key_out_of_step() -> None:
     gaps = {cadence(seed=seed).gap("wf", "end", 10.0, now=0.0) for seed in range(20)}
     assert len(gaps) == 20
     assert all(27 <= g <= 30 for g in gaps)
+
+
+def test_discovery_looks_often_enough_to_find_a_run_before_it_starts() -> None:
+    # Runs that wait 12-22 s for a machine: their product is looked at about every 10 s, so
+    # a new one is found before it starts. Runs that wait about a minute: every 30 s (interval).
+    quick = cadence([Span(12.0 + i, 600.0) for i in range(11)])
+    slow = cadence(HISTORY)
+    assert 9 <= quick.discovery_gap(now=0.0, workflows=["wf"]) <= 12
+    assert 27 <= slow.discovery_gap(now=0.0, workflows=["wf"]) <= 30
+    assert 27 <= cadence().discovery_gap(now=0.0, workflows=["wf"]) <= 30
+    # While webhooks arrive they say when a run is created: the safety net stretches.
+    quick.webhook(now=0.0)
+    assert 270 <= quick.discovery_gap(now=1.0, workflows=["wf"]) <= 300

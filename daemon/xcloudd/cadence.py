@@ -97,6 +97,15 @@ class History:
             self._windows[key] = self._window(key)
         return self._windows[key]
 
+    def quick(self, workflow_id: str, wait: Wait) -> float | None:
+        """How long the quickest twentieth of such waits take (a lognormal fit of history)."""
+        values = self._spans.get((workflow_id, wait))
+        if values is None or len(values) < MIN_SAMPLES:
+            return None
+        logs = [math.log(max(v, 1.0)) for v in values]
+        spread = max(stdev(logs), MIN_SPREAD)
+        return math.exp(fmean(logs) + NormalDist().inv_cdf(0.05) * spread)
+
     def _window(self, key: tuple[str, Wait]) -> Window | None:
         values = self._spans.get(key)
         if values is None or len(values) < MIN_SAMPLES:
@@ -147,9 +156,16 @@ class Cadence:
         gap = min(p.max_interval, gap) * self._rng.uniform(1.0 - JITTER, 1.0)
         return max(p.min_interval, self.floor, gap)
 
-    def discovery_gap(self, now: float) -> float:
-        """How often a watched workflow's product is looked at for new runs."""
+    def discovery_gap(self, now: float, workflows: Iterable[str] = ()) -> float:
+        """How often a product is looked at for new runs of its watched `workflows`: every
+        `interval`, or sooner where history says their runs often wait less than that for a
+        machine (a run found only once it has started is seen starting late)."""
         p = self.polling
         base = p.max_interval if self.webhooks_live(now) else p.interval
+        if not self.webhooks_live(now):
+            for workflow_id in workflows:
+                quick = self.history.quick(workflow_id, "start")
+                if quick is not None:
+                    base = min(base, quick)
         base = max(p.min_interval, min(base, p.max_interval))
         return max(self.floor, base * self._rng.uniform(1.0 - JITTER, 1.0))

@@ -556,7 +556,7 @@ class Follower:
                     ),
                 )
             new, moves = await self._discovery.take(product.id, watched, cursors, listing)
-            product.discover_at = now + self.cadence.discovery_gap(now)
+            product.discover_at = now + self.cadence.discovery_gap(now, watched)
             if product.hinted != hinted:  # a hint during this look asks for another
                 product.discover_at = min(product.discover_at, product.poked)
         finished = await self._store.call(
