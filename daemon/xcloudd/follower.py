@@ -188,9 +188,6 @@ class Follower:
             product.watched.discard(workflow_id)
         self._forget_idle()
 
-    def watching(self, workflow_id: str) -> bool:
-        return any(workflow_id in p.watched for p in self._products.values())
-
     def hint(self, run_id: str, workflow_id: str | None, event_type: str = "") -> bool:
         """A webhook says this run changed (the payload proves nothing). A followed run is
         confirmed by one GET: for BUILD_STARTED its product's list (which also serves every
