@@ -129,7 +129,6 @@ async def test_many_runs_of_two_products_cost_one_request_per_product_per_look(
     # 300 s at a 30 s cadence: about ten looks per product, whatever its number of runs.
     assert set(looks) == {shop.id, kit.id}
     assert all(8 <= n <= 13 for n in looks.values()), looks
-    assert len(runs) > 2 * 13
     started = {e["build_run_id"] for e in sink.records if e["event"] == "build.started"}
     assert started == {r.id for r in runs if r.ground_truth(clock.time())["started_at"]}
 
@@ -248,13 +247,14 @@ async def test_a_watched_run_behind_many_runs_of_a_busy_sibling_is_discovered(
         scenario = sim.sim.scenario
         watched = scenario.workflow_named("Nightly").id
         busy = scenario.workflow_named("CI").id
-        await rt.store.call(rt.store.sync.set_cursor, watched, 0)  # it looked before any run
+        # It looked before any run.
+        await rt.store.call(rt.store.sync.write_round, cursors=[(watched, 0)])
         mine = sim.sim.start_run(watched)
         for _ in range(2100):
             sim.sim.start_run(busy)
         f.watch(watched, scenario.products[0].id)
         await step_through(clock, rt, f, 60, step=2.0)
-        cursor = await rt.store.call(rt.store.sync.cursor, watched)
+        cursor = (await rt.store.call(rt.store.sync.cursors, [watched]))[watched]
     created = [e["build_run_id"] for e in sink.records if e["event"] == "build.created"]
     assert created == [mine.id]
     assert cursor == 2101

@@ -14,7 +14,15 @@ import pytest
 
 from xcloudd.clock import FakeClock
 from xcloudd.events import EventFactory
-from xcloudd.store import _MIGRATIONS, NewRun, StartRequest, Store, StoreError, StoreUnwritable
+from xcloudd.store import (
+    _MIGRATIONS,
+    Ended,
+    NewRun,
+    StartRequest,
+    Store,
+    StoreError,
+    StoreUnwritable,
+)
 
 PLANNED = datetime(2027, 3, 28, 1, 0, tzinfo=UTC)
 WORKFLOW = "9badb4d6-5c53-5999-aa53-4699ec802d11"
@@ -133,14 +141,7 @@ def test_overlap_skip_and_buffer_one_see_starts_and_runs_in_flight(store: Store)
     assert store.release_held("nightly") is None  # the first start is still open
     store.intent_sending(first, REQUEST)
     store.record_run(run_of(first), intent_id=first, reconciled=False)
-    store.finish_run(
-        "run-1",
-        number=7,
-        progress="COMPLETE",
-        completion_status="SUCCEEDED",
-        reason="completed",
-        events=[],
-    )
+    store.write_round(ended=[Ended("run-1", "completed", [], 7, "COMPLETE", "SUCCEEDED")])
     assert store.release_held("nightly") is not None
     assert store.occurrence("nightly", later[0]) == "firing"
 
@@ -159,14 +160,7 @@ def test_each_fact_writes_its_event_once(store: Store) -> None:
     ev = store.ev
     done = [ev.make("build.completed", subject="run-1", completion_status="SUCCEEDED")]
     for _ in range(2):  # a second process finishing it again writes nothing
-        store.finish_run(
-            "run-1",
-            number=7,
-            progress="COMPLETE",
-            completion_status="SUCCEEDED",
-            reason="completed",
-            events=done,
-        )
+        store.write_round(ended=[Ended("run-1", "completed", done, 7, "COMPLETE", "SUCCEEDED")])
     assert names(store) == [
         "schedule.fired",
         "build.requested",

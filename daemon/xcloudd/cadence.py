@@ -55,6 +55,18 @@ class Window:
     closes: float
 
 
+_Z05 = NormalDist().inv_cdf(0.05)
+
+
+@dataclass(frozen=True)
+class _Fit:
+    """Durations on the log scale: their mean, their spread (at least MIN_SPREAD), how many."""
+
+    centre: float
+    spread: float
+    n: int
+
+
 def _t_quantile(p: float, df: int) -> float:
     """Student's t quantile (Cornish-Fisher expansion around the normal's; close enough to
     size a window, and wider than the normal's while history is short)."""
@@ -73,7 +85,7 @@ class History:
     def __init__(self) -> None:
         self._spans: dict[tuple[str, Wait], deque[float]] = {}
         # Every look asks for the windows of all its runs; history changes once per build.
-        self._windows: dict[tuple[str, Wait], Window | None] = {}
+        self._fits: dict[tuple[str, Wait], _Fit | None] = {}
 
     def learn(self, workflow_id: str, span: Span) -> None:
         pairs: tuple[tuple[Wait, float | None], ...] = (
@@ -84,38 +96,37 @@ class History:
             if seconds is not None and seconds >= 0:
                 key = (workflow_id, wait)
                 self._spans.setdefault(key, deque(maxlen=KEEP)).append(seconds)
-                self._windows.pop(key, None)
+                self._fits.pop(key, None)
 
     def load(self, spans: Mapping[str, Iterable[Span]]) -> None:
         for workflow_id, items in spans.items():
             for span in items:
                 self.learn(workflow_id, span)
 
+    def _fit(self, key: tuple[str, Wait]) -> _Fit | None:
+        """The lognormal fit of one kind of wait, once per change of its history."""
+        if key not in self._fits:
+            values = self._spans.get(key)
+            fit = None
+            if values is not None and len(values) >= MIN_SAMPLES:
+                logs = [math.log(max(v, 1.0)) for v in values]
+                fit = _Fit(fmean(logs), max(stdev(logs), MIN_SPREAD), len(logs))
+            self._fits[key] = fit
+        return self._fits[key]
+
     def window(self, workflow_id: str, wait: Wait) -> Window | None:
-        key = (workflow_id, wait)
-        if key not in self._windows:
-            self._windows[key] = self._window(key)
-        return self._windows[key]
+        fit = self._fit((workflow_id, wait))
+        if fit is None:
+            return None
+        # A prediction interval for one more wait: the fit's own uncertainty included.
+        spread = fit.spread * math.sqrt(1 + 1 / fit.n)
+        reach = _t_quantile(1 - (1 - COVERAGE) / 2, fit.n - 1) * spread
+        return Window(math.exp(fit.centre - reach), math.exp(fit.centre + reach))
 
     def quick(self, workflow_id: str, wait: Wait) -> float | None:
-        """How long the quickest twentieth of such waits take (a lognormal fit of history)."""
-        values = self._spans.get((workflow_id, wait))
-        if values is None or len(values) < MIN_SAMPLES:
-            return None
-        logs = [math.log(max(v, 1.0)) for v in values]
-        spread = max(stdev(logs), MIN_SPREAD)
-        return math.exp(fmean(logs) + NormalDist().inv_cdf(0.05) * spread)
-
-    def _window(self, key: tuple[str, Wait]) -> Window | None:
-        values = self._spans.get(key)
-        if values is None or len(values) < MIN_SAMPLES:
-            return None
-        logs = [math.log(max(v, 1.0)) for v in values]
-        n = len(logs)
-        spread = max(stdev(logs), MIN_SPREAD) * math.sqrt(1 + 1 / n)
-        reach = _t_quantile(1 - (1 - COVERAGE) / 2, n - 1) * spread
-        centre = fmean(logs)
-        return Window(math.exp(centre - reach), math.exp(centre + reach))
+        """How long the quickest twentieth of such waits take."""
+        fit = self._fit((workflow_id, wait))
+        return None if fit is None else math.exp(fit.centre + _Z05 * fit.spread)
 
 
 class Cadence:

@@ -501,9 +501,15 @@ class Follower:
         product.failures += 1
         if report and product.failures == 1:
             self._report(f"follow product {product.id}", exc)
-        base = max(self._polling.min_interval, min(self._polling.interval, 30.0))
-        backoff = min(self._polling.max_interval, base * 2 ** min(product.failures - 1, 10))
-        product.not_before = self._clock.monotonic() + self._rng.uniform(0.5, 1.0) * backoff
+        product.not_before = self._clock.monotonic() + self._retry_in(product.failures)
+
+    def _retry_in(self, failures: int) -> float:
+        """After `failures` failed looks in a row: from `interval`, doubling up to
+        `max_interval`, with jitter (so a recovering API is not hit by every look at once)."""
+        p = self._polling
+        base = max(p.min_interval, min(p.interval, p.max_interval))
+        backoff = min(p.max_interval, base * 2.0 ** min(failures - 1, 10))
+        return backoff * self._rng.uniform(0.5, 1.0)
 
     async def _look_once(self, product: _Product, runs: list[_Tracked], hinted: int) -> None:
         cursors: dict[str, int] = {}
@@ -626,21 +632,15 @@ class Follower:
             pass  # a hint during this GET planned the next one
         elif tracked.hinted != hinted and (tracked.failures or tracked.product_id is None):
             self._single(tracked, tracked.poked)  # a hint during this GET asks for another
-        elif tracked.failures or tracked.product_id is None:
-            self._single(tracked, now + self._backoff(tracked))
+        elif tracked.failures:
+            self._single(tracked, now + self._retry_in(tracked.failures))
+        elif tracked.product_id is None:  # the API does not say: this run is polled alone
+            self._single(tracked, now + self._gap(tracked))
         else:
             tracked.need = now + self._gap(tracked)
             if tracked.hinted != hinted:  # a hint during this GET asks for another look
                 tracked.need = min(tracked.need, tracked.poked)
             self._join(tracked, tracked.product_id)
-
-    def _backoff(self, tracked: _Tracked) -> float:
-        base = max(
-            self._polling.min_interval, min(self._polling.interval, self._polling.max_interval)
-        )
-        if not tracked.failures:
-            return base
-        return float(min(self._polling.max_interval, base * 2 ** min(tracked.failures, 10)))
 
     async def _attempt(self, tracked: _Tracked, confirm: bool) -> None:
         """One GET of the run; its watch may end (on record)."""

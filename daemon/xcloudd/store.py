@@ -928,31 +928,6 @@ class Store:
         ).fetchall()
         return {r[0] for r in rows}
 
-    def observe_run(
-        self,
-        run_id: str,
-        *,
-        number: int | None,
-        progress: str,
-        started: Event | None,
-    ) -> None:
-        """A poll's news about a run still going; `started` is written once."""
-        self.write_round(seen=[Seen(run_id, number, progress, started)])
-
-    def finish_run(
-        self,
-        run_id: str,
-        *,
-        number: int | None,
-        progress: str | None,
-        completion_status: str | None,
-        reason: str,
-        events: Sequence[Event],
-    ) -> bool:
-        """The watch on a run ends (completed, expired, gone), with its events, once."""
-        ended = Ended(run_id, reason, events, number, progress, completion_status)
-        return bool(self.write_round(ended=[ended]))
-
     def write_round(
         self,
         *,
@@ -963,7 +938,10 @@ class Store:
     ) -> set[str]:
         """What one poll round learned, in one transaction (one commit, one fsync, however
         many runs a product's list showed). Returns the ids of the runs whose watch ended
-        here (an end already on record is not written twice); new runs have no intent."""
+        here (an end already on record is not written twice); new runs have no intent. A
+        round that learned nothing writes nothing."""
+        if not (seen or ended or new or cursors):
+            return set()
         with self._tx() as c:
             for run in new:
                 self._record(c, run, intent_id=None, reconciled=False)
@@ -1072,16 +1050,6 @@ class Store:
         return [_run(r) for r in rows]
 
     # --- watched workflows -----------------------------------------------------------------
-
-    def cursor(self, workflow_id: str) -> int | None:
-        row = self._conn.execute(
-            "SELECT highest_number FROM cursors WHERE workflow_id = ?", (workflow_id,)
-        ).fetchone()
-        return None if row is None else int(row[0])
-
-    def set_cursor(self, workflow_id: str, highest_number: int) -> None:
-        with self._tx() as c:
-            self._cursor(c, workflow_id, highest_number)
 
     def _cursor(self, c: sqlite3.Connection, workflow_id: str, highest_number: int) -> None:
         c.execute(
