@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import gzip
 import json
-import socket
 import warnings
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsSer
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
 import xcloudd
+from procs import free_port
 from xcloudd.httpsinks import HttpSink, SinkError, encode_loki, sink_name
 from xcloudd.sinks import Record
 
@@ -125,12 +125,6 @@ async def receiver() -> AsyncIterator[Receiver]:
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as s:
         yield s
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --- OTLP ------------------------------------------------------------------------------------

@@ -330,10 +330,6 @@ async def delivered(sim: RunningSimulator, count: int) -> None:
             await asyncio.sleep(0.001)
 
 
-def finished(run: BuildRun) -> float:
-    return run.created_at + run.pending_s + run.running_s
-
-
 @pytest.fixture
 async def admin(sim: RunningSimulator, make_token: MakeToken) -> AsyncIterator[Admin]:
     async with aiohttp.ClientSession() as session:
@@ -381,7 +377,7 @@ async def test_the_simulator_posts_created_started_completed_for_a_build(
     run_id = await admin.start_build(workflow.id)
     run = sim.sim.runs.get(run_id)
     assert run is not None
-    await advance(fake_clock, finished(run) + 1)
+    await advance(fake_clock, finished_at(run) + 1)
     await delivered(sim, 3)
 
     bodies = recorder.of(run_id)
@@ -427,7 +423,7 @@ async def test_the_simulator_posts_created_started_completed_for_a_build(
         ("BUILD_STARTED", run_id, 202),
         ("BUILD_COMPLETED", run_id, 202),
     ]
-    instants = [run.created_at, run.created_at + run.pending_s, finished(run)]
+    instants = [run.created_at, run.created_at + run.pending_s, finished_at(run)]
     for record, instant in zip(sent, instants, strict=True):
         assert record["at"] == instant
         assert record["due"] == instant + 0.5
@@ -441,7 +437,7 @@ async def test_the_simulator_posts_created_started_completed_for_a_build(
     assert stopped["webhooks"]["active"] is False
     assert len(stopped["webhooks"]["sent"]) == 3  # the records stay until the next POST
     later_run = sim.sim.start_run(workflow.id)
-    await advance(fake_clock, finished(later_run) + 1)
+    await advance(fake_clock, finished_at(later_run) + 1)
     assert recorder.of(later_run.id) == []
 
 
@@ -454,7 +450,7 @@ async def test_with_all_webhooks_lost_none_arrive_and_all_are_listed(
     assert status == 201
     skipped = sim.sim.start_run(sim.sim.scenario.workflow_named("Docs Only").id)
     failed = sim.sim.start_run(sim.sim.scenario.workflow_named("UI Tests").id)
-    await advance(fake_clock, max(finished(skipped), finished(failed)) + 1)
+    await advance(fake_clock, max(finished_at(skipped), finished_at(failed)) + 1)
     await delivered(sim, 5)
     assert recorder.seen == []
     _, report = await admin.call("GET", "/_sim/webhooks")
@@ -479,7 +475,7 @@ async def test_losses_follow_the_seed(
         recorder.seen.clear()
         await hooks.configure(WebhookSettings(recorder.url + "/hook", loss=0.5, seed=7))
         runs = [sim.sim.start_run(workflow) for _ in range(6)]
-        await advance(fake_clock, max(finished(r) for r in runs) + 1)
+        await advance(fake_clock, max(finished_at(r) for r in runs) + 1)
         await delivered(sim, 18)
         index = {r.id: i for i, r in enumerate(runs)}
         patterns.append(sorted((index[e["run_id"]], e["event_type"]) for e in hooks.lost))
@@ -506,7 +502,7 @@ async def test_deliveries_that_fail_are_counted_and_ignored(
     status, _ = await admin.call("POST", "/_sim/webhooks", {"url": url})
     assert status == 201
     run = sim.sim.start_run(sim.sim.scenario.workflow_named("CI").id)
-    await advance(fake_clock, finished(run) + 1)
+    await advance(fake_clock, finished_at(run) + 1)
     await delivered(sim, 3)
     _, report = await admin.call("GET", "/_sim/webhooks")
     assert report["webhooks"]["failed"] == 3

@@ -93,25 +93,6 @@ class Supervisor:
         self._tasks[name] = task
         return task
 
-    def spawn_once(self, name: str, work: Callable[[], Awaitable[object]]) -> asyncio.Task[None]:
-        """One piece of work in the background (a webhook's look): a failure is reported like
-        a loop's, and the task leaves the roll when it is done, whatever the outcome."""
-
-        async def once() -> None:
-            try:
-                await work()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self.report(name, exc)
-            finally:
-                if self._tasks.get(name) is asyncio.current_task():
-                    del self._tasks[name]
-
-        task = asyncio.create_task(once(), name=name)
-        self._tasks[name] = task
-        return task
-
     async def _keep(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
         streak = 0
         while True:
@@ -125,10 +106,6 @@ class Supervisor:
                 self.report(name, exc)
                 cap = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** min(streak, 10))
                 await self._clock.sleep(self._rng.uniform(cap / 2, cap))
-
-    def running(self, name: str) -> bool:
-        task = self._tasks.get(name)
-        return task is not None and not task.done()
 
     def ended(self) -> list[str]:
         """Loops that are no longer running although nobody stopped them."""
